@@ -1,0 +1,7 @@
+"""mimkit: masked image modeling (MAE, CAE) pretraining of Vision Transformers in pure PyTorch."""
+
+from mimkit.convert import load
+from mimkit.models import build_model
+
+__version__ = "0.1.0"
+__all__ = ["build_model", "load", "__version__"]

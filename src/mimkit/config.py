@@ -1,0 +1,258 @@
+"""Typed configuration: dataclasses with the papers' defaults, YAML recipes, dotted overrides.
+
+A recipe holds only what differs from the defaults below. Unknown keys and wrong types fail with a
+one-line `ConfigError` naming the dotted key (and the closest valid key for a misspelling). The
+`model` section is a plain dict here and is checked against the chosen method's dataclass by
+`mimkit.models.resolve_model_config` with the same rules, so this module imports nothing of mimkit.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or key; the message is one line and names the dotted key."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    """`cifar10` or `folder` (class sub-folders of images; any image mode is converted to RGB)."""
+    root: str = "builtin"
+    """cifar10: `builtin` (the subset shipped with mimkit), `download`, a folder or a .tar.gz; folder: a directory."""
+    split: str = "train"
+    """`train` or `test`; a folder dataset uses `root/split` when it exists, else `root`."""
+    load_size: int = 0
+    """Folder datasets: workers resize the shorter side to this and center-crop; 0 = img_size * 256 / 224."""
+    scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area range (MAE: 0.2-1.0; CAE: 0.08-1.0)."""
+    ratio: tuple[float, float] = (0.75, 4 / 3)
+    """RandomResizedCrop aspect-ratio range."""
+    hflip: bool = True
+    """Random horizontal flip with probability 0.5."""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """Normalisation mean (ImageNet)."""
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """Normalisation std (ImageNet)."""
+    num_workers: int = 2
+    """DataLoader worker processes that decode files (0 = decode in the main process)."""
+    strict: bool = False
+    """Stop at the first unreadable file instead of skipping, counting and reporting it."""
+    cache_dir: str = "~/.cache/mimkit"
+    """Where downloads, extracted archives and decoded CIFAR arrays are kept."""
+    limit: int = 0
+    """Use only the first N samples (0 = all), for quick runs."""
+
+    def __post_init__(self) -> None:
+        check_choice("data.dataset", self.dataset, ("cifar10", "folder"))
+        check_choice("data.split", self.split, ("train", "test"))
+        check_range("data.scale", self.scale, 0.0, 1.0)
+        check_nonneg("data.limit", self.limit)
+        check_nonneg("data.num_workers", self.num_workers)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 800
+    """Number of passes over the data (MAE: 800 or 1600)."""
+    batch_size: int = 64
+    """Images per device per forward pass (micro-batch)."""
+    accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step; effective batch = batch_size * accum_steps * world size."""
+    blr: float = 1.5e-4
+    """Base learning rate; lr = blr * effective batch / 256 (MAE)."""
+    lr: float = 0.0
+    """Absolute learning rate; overrides blr when > 0."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    warmup_epochs: float = 40.0
+    """Linear warmup length in epochs, applied per iteration (MAE: 40)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay; never applied to norms, biases, position embeddings and tokens."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (MAE: 0.9, 0.95)."""
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this value (0 = off; CAE: 3.0)."""
+    precision: str = "fp32"
+    """`fp32`, `bf16` (autocast) or `fp16` (autocast with a gradient scaler)."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
+    seed: int = 0
+    """Seeds weights, data order, augmentation and masks; a CPU run is bit-for-bit repeatable."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs); the schedule still spans all epochs."""
+    log_every: int = 10
+    """Optimizer steps between log lines (and non-finite-loss checks)."""
+    ckpt_every: int = 0
+    """Optimizer steps between checkpoints (0 = only at the end of each epoch and of the run)."""
+    keep_last: int = 3
+    """How many checkpoints to keep."""
+    vis_images: int = 4
+    """Images in the reconstruction picture written at each checkpoint (0 = none)."""
+
+    def __post_init__(self) -> None:
+        check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        for name in ("epochs", "batch_size", "accum_steps", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)!r}")
+        for name in ("blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "max_steps",
+                     "ckpt_every", "vis_images"):
+            check_nonneg(f"train.{name}", getattr(self, name))
+
+
+@dataclass
+class Config:
+    method: str = "mae"
+    """Pretraining method: a key of `mimkit.models.METHODS` (`mae`)."""
+    model: dict = field(default_factory=dict)
+    """Model section, checked against the method's config class (`preset` plus any field of it)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data and augmentation."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, schedule, precision, logging and checkpoints."""
+    out_dir: str = "runs/pretrain"
+    """Where checkpoints, logs, pictures and the resolved config are written."""
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def check_nonneg(key: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{key}: must be >= 0, got {value!r}")
+
+
+def check_range(key: str, pair: tuple[float, float], lo: float, hi: float) -> None:
+    if not (lo <= pair[0] <= pair[1] <= hi):
+        raise ConfigError(f"{key}: expected {lo} <= min <= max <= {hi}, got {list(pair)}")
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"{prefix}{key}: unknown key{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; int is accepted for float and lists for tuples."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {list(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        return _coerce(value, tp, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. a numeric folder name given on the command line
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(str(key), names, prefix)
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a __post_init__ comparing a wrong type
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain dict of YAML-safe values (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item}: an override must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML recipe (or start from the defaults), apply dotted overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    apply_overrides(data, list(overrides))
+    return from_dict(Config, data)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls` (for --help and the README)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
+    return docs

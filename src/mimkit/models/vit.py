@@ -1,0 +1,236 @@
+"""The Vision Transformer backbone shared by every method, with timm's parameter names.
+
+Shape vocabulary, used in comments wherever a shape changes:
+    B batch, C channels, N patches (grid h x w), K kept (visible) patches, M masked patches,
+    D width, H heads, P = p * p * C values in one patch.
+Parameter names are an interface (`patch_embed.proj`, `cls_token`, `pos_embed`,
+`blocks.{i}.norm1|attn.qkv|attn.proj|ls1|norm2|mlp.fc1|mlp.fc2|ls2`, `norm`), so that timm and
+official MAE weights load with `strict=True`; all key mapping lives in `mimkit.convert`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LN_EPS = 1e-6  # MAE and timm use 1e-6 (transformers' ViTMAE defaults to 1e-12)
+
+# Widths, depths and heads of the standard sizes (ViT paper; DeiT for tiny and small).
+VIT_SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+}
+
+
+def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> Tensor:
+    """Fixed 2-D sin-cos position embedding of MAE (`get_2d_sincos_pos_embed`): (1 + N, D) or (N, D).
+
+    Half the channels encode the row, half the column; the cls row is zeros. Computed in float64
+    like the reference's NumPy code, then cast to float32.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    coords = torch.arange(grid, dtype=torch.float64)
+    # The reference builds meshgrid(w, h) and encodes grid[0] (the column index) in the first half.
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+
+    def encode(pos: Tensor) -> Tensor:
+        out = pos.reshape(-1, 1) * omega  # (N, D/4)
+        return torch.cat([out.sin(), out.cos()], dim=1)  # (N, D/2)
+
+    emb = torch.cat([encode(cols), encode(rows)], dim=1)  # (N, D)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb])
+    return emb.float()
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> D-dim tokens by a strided convolution."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected images of {self.img_size}x{self.img_size}, got {tuple(x.shape)}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and `scaled_dot_product_attention`."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, D/H)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, D)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scale (CaiT); timm name `ls1.gamma` / `ls2.gamma`."""
+
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al. 2016), as used for fine-tuning and CAE."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, init_values: float | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE's `_init_weights`: xavier-uniform linear layers with zero bias, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder with a cls token and fixed 2-D sin-cos position embeddings (timm names).
+
+    `forward_features` runs on all patches and never masks: it is what feature extraction and
+    evaluation use. Methods subclass it and add their own masked forward.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path_rate: float = 0.0, init_values: float | None = None):
+        super().__init__()
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # A parameter (as in MAE and timm) so fine-tuning can unfreeze it; fixed during pretraining.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim),
+                                      requires_grad=False)
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay rule
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=r, init_values=init_values) for r in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size
+
+    @property
+    def img_size(self) -> int:
+        return self.patch_embed.img_size
+
+    def init_encoder(self) -> None:
+        """MAE initialisation of the encoder: sin-cos positions, patch conv as a linear layer, tokens N(0, .02)."""
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.embed_dim, self.patch_embed.grid_size).unsqueeze(0))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def embed(self, imgs: Tensor) -> Tensor:
+        """Patch tokens plus their position embeddings: (B, C, H, W) -> (B, N, D)."""
+        return self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+
+    def with_cls(self, x: Tensor) -> Tensor:
+        """Prepend the cls token (plus its zero position row): (B, K, D) -> (B, 1 + K, D)."""
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def run_blocks(self, x: Tensor) -> Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_features(self, imgs: Tensor) -> Tensor:
+        """All tokens, no masking: (B, C, H, W) -> (B, 1 + N, D), after the final norm."""
+        return self.run_blocks(self.with_cls(self.embed(imgs)))
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        return self.forward_features(imgs)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay besides norms and biases (timm's contract)."""
+        return {"pos_embed", "cls_token"}
+
+    def layer_id(self, name: str) -> int:
+        """Depth of a parameter for layer-wise lr decay (MAE `param_groups_lrd`): 0 embeddings,
+        i + 1 for block i, depth + 1 for everything after the blocks."""
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,55 @@
+"""What a masked image model predicts for each patch.
+
+Patch vectors are laid out (p, q, c), channels last, as in MAE's `patchify`, so that official
+decoder heads and transformers' ViTMAE predictions line up value for value.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+NORM_PIX_EPS = 1e-6  # MAE: (x - mean) / sqrt(var + 1e-6)
+
+
+def patchify(imgs: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) -> (B, N, P) with P = p * p * C laid out (p, q, c)."""
+    B, C, H, W = imgs.shape
+    if H % p or W % p:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+    h, w = H // p, W // p
+    x = imgs.reshape(B, C, h, p, w, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, p * p * C)
+
+
+def unpatchify(x: Tensor, p: int, channels: int = 3) -> Tensor:
+    """(B, N, P) -> (B, C, H, W); the inverse of `patchify` for a square grid."""
+    B, N, _ = x.shape
+    h = int(round(N**0.5))
+    if h * h != N:
+        raise ValueError(f"unpatchify needs a square grid, got {N} patches")
+    x = x.reshape(B, h, h, p, p, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, h * p, h * p)
+
+
+def patch_stats(patches: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-patch mean and unbiased variance over the P values: (B, N, P) -> two (B, N, 1)."""
+    return patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
+
+
+def pixel_target(imgs: Tensor, p: int, norm_pix: bool) -> Tensor:
+    """Regression target (B, N, P): raw (normalised-image) pixels, or per-patch normalised pixels."""
+    target = patchify(imgs, p)
+    if norm_pix:
+        mean, var = patch_stats(target)
+        target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
+    return target
+
+
+def denormalize_patches(pred: Tensor, imgs: Tensor, p: int) -> Tensor:
+    """Map norm-pix predictions (B, N, P) back to pixel space with each patch's own statistics.
+
+    A norm-pix model predicts only the shape of every patch; for pictures its output is shown with
+    the mean and variance of the true patch (MAE issue #12).
+    """
+    mean, var = patch_stats(patchify(imgs, p))
+    return pred * (var + NORM_PIX_EPS) ** 0.5 + mean

@@ -1,0 +1,60 @@
+"""Run logging: a JSONL metrics file, TensorBoard when installed, and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger("mimkit")
+
+
+class MetricsLog:
+    """Appends one JSON object per record to `metrics.jsonl` (and to TensorBoard if available)."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            # Records written after the checkpoint we resume from belong to a run that crashed; drop
+            # them so the file reads as one uninterrupted run.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the `tensorboard` extra is optional
+            SummaryWriter = None
+        if SummaryWriter is not None:
+            self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All records of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
+                mininterval=1.0, unit="step")

@@ -1,0 +1,200 @@
+"""The pretraining loop, shared by every method.
+
+One visible order per optimizer step (nanoGPT `train.py`, torchtitan `train_step`):
+schedule -> autocast forward -> non-finite bookkeeping -> backward -> unscale + clip -> step ->
+zero_grad -> log -> hooks -> checkpoint. The model computes its own loss; the loop never looks
+inside it. The only host syncs are at log and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+import mimkit
+from mimkit.config import Config
+from mimkit.convert import load_checked
+from mimkit.data import BadImageError, EvalTransform, PretrainAugment, build_dataset, make_loader
+from mimkit.models import METHODS, resolve_model_config, resolved_config
+from mimkit.train import checkpoint
+from mimkit.train.dist import is_main, pick_device, world_size
+from mimkit.train.log import MetricsLog, progress
+from mimkit.train.optim import build_adamw, cosine_lr, set_lr
+from mimkit.viz import save_reconstruction
+
+log = logging.getLogger("mimkit")
+
+Hook = Callable[[int, nn.Module], "dict | None"]
+"""Called after every optimizer step with (step, model); may return metrics to log at that step."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and the last checkpoint is left as it was."""
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = ()) -> dict:
+    """Pretrain `cfg.method` on `cfg.data`; write checkpoints, metrics.jsonl, pictures and config.yaml
+    under `cfg.out_dir`. `resume` is None, "auto" (the latest valid checkpoint, if any) or a path.
+    Returns a summary: final step, last logged loss, checkpoint path, skipped files."""
+    if world_size() > 1:
+        raise RuntimeError("multi-process training is not supported yet: run mimkit with a single process")
+    t, d = cfg.train, cfg.data
+    model_cfg = resolve_model_config(cfg.method, cfg.model)
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    device = pick_device(t.device)
+
+    torch.manual_seed(t.seed)  # weight initialisation
+    model = METHODS[cfg.method][1](model_cfg).to(device)
+    dataset = build_dataset(d.dataset, d.root, d.split, img_size=model_cfg.img_size, load_size=d.load_size,
+                            strict=d.strict, cache_dir=d.cache_dir, limit=d.limit)
+    loader = make_loader(dataset, t.batch_size, seed=t.seed, shuffle=True, drop_last=True,
+                         num_workers=d.num_workers)
+    steps_per_epoch = len(loader) // t.accum_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one optimizer step needs "
+                         f"(train.batch_size={t.batch_size} x train.accum_steps={t.accum_steps})")
+    total_steps = t.epochs * steps_per_epoch
+    last_step = min(total_steps, t.max_steps) if t.max_steps else total_steps
+    effective_batch = t.batch_size * t.accum_steps * world_size()
+    base_lr = t.lr or t.blr * effective_batch / 256  # MAE's linear scaling rule
+    warmup_steps = round(t.warmup_epochs * steps_per_epoch)
+
+    optimizer = build_adamw(model, base_lr, t.weight_decay, t.betas)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    generator = torch.Generator().manual_seed(t.seed + 1)  # augmentation and masks
+    augment = PretrainAugment(model_cfg.img_size, scale=d.scale, ratio=d.ratio, hflip=d.hflip, mean=d.mean,
+                              std=d.std)
+    vis_batch = _picture_batch(dataset, t.vis_images, model_cfg.img_size, d)
+
+    step, skipped = 0, {}
+    found = checkpoint.load_latest(ckpt_dir) if resume == "auto" else None
+    if resume not in (None, "auto"):
+        found = (Path(resume), checkpoint.load(resume))
+    if found is not None:
+        path, state = found
+        load_checked(model, state["model"], f"checkpoint {path}")
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"], generator)
+        step, skipped = state["step"], dict(state["skipped"])
+        log.info("resumed from %s at step %d", path, step)
+    elif resume == "auto":
+        log.info("no checkpoint in %s; starting from scratch", ckpt_dir)
+
+    main = is_main()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+    metrics = MetricsLog(out_dir, enabled=main, resume_step=step if found else None)
+    log.info("%s: %d images, %d steps/epoch, %d steps, effective batch %d, lr %.3g, device %s",
+             cfg.method, len(dataset), steps_per_epoch, last_step, effective_batch, base_lr, device)
+
+    def save_checkpoint() -> Path:
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "epoch": step // steps_per_epoch, "rng": checkpoint.rng_state(generator),
+            "skipped": list(skipped.items()), "config": resolved_config(cfg), "method": cfg.method,
+            "version": mimkit.__version__,
+        }
+        path = checkpoint.save(ckpt_dir, step, state, t.keep_last)
+        if vis_batch is not None:
+            save_reconstruction(model, vis_batch, out_dir / "pictures" / f"recon-{step:08d}.png", d.mean, d.std,
+                                seed=t.seed)
+        return path
+
+    bar = progress(last_step, step, main, desc=cfg.method)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # step of the first non-finite loss
+    loss_sum = torch.zeros((), device=device)
+    images, logged_steps, last_loss, ckpt_path = 0, 0, float("nan"), None
+    timer = time.perf_counter()
+    model.train()
+    while step < last_step:
+        epoch, start = divmod(step, steps_per_epoch)
+        loader.sampler.set_epoch(epoch, start * t.accum_steps * t.batch_size)
+        batches = iter(loader)
+        while step < last_step and step // steps_per_epoch == epoch:
+            lr = cosine_lr(step, total_steps, warmup_steps, base_lr, t.min_lr)
+            set_lr(optimizer, lr)
+            for _ in range(t.accum_steps):
+                batch = next(batches)
+                for path, reason in batch["skipped"]:
+                    if d.strict:
+                        raise BadImageError(f"{path}: unreadable image ({reason}); data.strict=false skips such files")
+                    skipped.setdefault(path, reason)
+                imgs = augment(batch["images"].to(device, non_blocking=True), generator)
+                images += imgs.shape[0]
+                with _autocast(device, t.precision):
+                    loss = model(imgs, generator=generator).loss / t.accum_steps
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+                loss_sum += loss.detach().float()
+                scaler.scale(loss).backward()
+            if t.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            logged_steps += 1
+            bar.update(1)
+
+            end_of_epoch = step % steps_per_epoch == 0 or step == last_step
+            due_ckpt = end_of_epoch or (t.ckpt_every and step % t.ckpt_every == 0)
+            record = {}
+            if step % t.log_every == 0 or due_ckpt:
+                if first_bad.item() >= 0:
+                    last = checkpoint.list_checkpoints(ckpt_dir)
+                    where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+                    raise NonFiniteLossError(f"non-finite loss at step {first_bad.item() + 1}; {where}")
+                now = time.perf_counter()
+                last_loss = loss_sum.item() / logged_steps
+                record = {"step": step, "epoch": step / steps_per_epoch, "loss": last_loss, "lr": lr,
+                          "images_per_s": images / (now - timer), "skipped": len(skipped)}
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.0f}")
+                loss_sum.zero_()
+                images, logged_steps, timer = 0, 0, now
+            for hook in hooks:
+                record.update(hook(step, model) or {})
+            if record:
+                record.setdefault("step", step)
+                metrics.write(record)
+            if due_ckpt and main:
+                ckpt_path = save_checkpoint()
+            if end_of_epoch and main:
+                bar.write(f"epoch {epoch + 1}/{t.epochs}  step {step}  loss {last_loss:.4f}  lr {lr:.3g}")
+    bar.close()
+    metrics.close()
+    if skipped:
+        names = ", ".join(f"{p} ({r})" for p, r in skipped.items())
+        log.warning("skipped %d unreadable file(s): %s", len(skipped), names)
+    return {"step": step, "loss": last_loss, "checkpoint": ckpt_path, "skipped": list(skipped),
+            "out_dir": str(out_dir)}
+
+
+def _picture_batch(dataset, n: int, img_size: int, d) -> torch.Tensor | None:
+    """The first `n` readable images, resized and center-cropped: a fixed set for progress pictures."""
+    if n == 0:
+        return None
+    imgs = []
+    for i in range(len(dataset)):
+        image = dataset[i][0]
+        if image is not None:
+            imgs.append(image)
+        if len(imgs) == n:
+            break
+    return EvalTransform(img_size, crop_pct=1.0, mean=d.mean, std=d.std)(torch.stack(imgs))
