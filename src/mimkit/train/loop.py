@@ -21,7 +21,7 @@ from torch import nn
 import mimkit
 from mimkit.config import Config
 from mimkit.convert import load_checked
-from mimkit.data import BadImageError, EvalTransform, PretrainAugment, build_dataset, make_loader
+from mimkit.data import EvalTransform, PretrainAugment, build_dataset, check_skipped, make_loader, spread
 from mimkit.models import METHODS, resolve_model_config, resolved_config
 from mimkit.train import checkpoint
 from mimkit.train.dist import is_main, pick_device, world_size
@@ -132,10 +132,9 @@ def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = ()) -> 
             set_lr(optimizer, lr)
             for _ in range(t.accum_steps):
                 batch = next(batches)
-                for path, reason in batch["skipped"]:
-                    if d.strict:
-                        raise BadImageError(f"{path}: unreadable image ({reason}); data.strict=false skips such files")
-                    skipped.setdefault(path, reason)
+                check_skipped(batch, d.strict, skipped)
+                if batch["images"].shape[0] == 0:  # every file of this micro-batch was unreadable
+                    continue
                 imgs = augment(batch["images"].to(device, non_blocking=True), generator)
                 images += imgs.shape[0]
                 with _autocast(device, t.precision):
@@ -153,8 +152,8 @@ def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = ()) -> 
             logged_steps += 1
             bar.update(1)
 
-            end_of_epoch = step % steps_per_epoch == 0 or step == last_step
-            due_ckpt = end_of_epoch or (t.ckpt_every and step % t.ckpt_every == 0)
+            end_of_epoch = step % steps_per_epoch == 0
+            due_ckpt = end_of_epoch or step == last_step or (t.ckpt_every and step % t.ckpt_every == 0)
             record = {}
             if step % t.log_every == 0 or due_ckpt:
                 if first_bad.item() >= 0:
@@ -187,14 +186,9 @@ def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = ()) -> 
 
 
 def _picture_batch(dataset, n: int, img_size: int, d) -> torch.Tensor | None:
-    """The first `n` readable images, resized and center-cropped: a fixed set for progress pictures."""
+    """A fixed set of `n` readable images spread over the dataset, resized and center-cropped."""
     if n == 0:
         return None
-    imgs = []
-    for i in range(len(dataset)):
-        image = dataset[i][0]
-        if image is not None:
-            imgs.append(image)
-        if len(imgs) == n:
-            break
-    return EvalTransform(img_size, crop_pct=1.0, mean=d.mean, std=d.std)(torch.stack(imgs))
+    samples = (dataset[i][0] for i in spread(len(dataset), 2 * n))
+    imgs = [image for image in samples if image is not None][:n]
+    return EvalTransform(img_size, crop_pct=1.0, mean=d.mean, std=d.std)(torch.stack(imgs)) if imgs else None

@@ -1,0 +1,40 @@
+"""Data: datasets yielding uint8 images, batched device transforms, resumable loading."""
+
+from mimkit.data.datasets import (
+    CIFAR10,
+    CIFAR10_CLASSES,
+    IMG_EXTENSIONS,
+    BadImageError,
+    ImageFolder,
+    Sample,
+    build_dataset,
+    decode_image,
+    download_cifar10,
+    load_cifar10,
+    spread,
+    verify_checksum,
+)
+from mimkit.data.loader import ResumableSampler, check_skipped, collate, make_loader
+from mimkit.data.transforms import EvalTransform, PretrainAugment, normalize
+
+__all__ = [
+    "CIFAR10",
+    "CIFAR10_CLASSES",
+    "IMG_EXTENSIONS",
+    "BadImageError",
+    "EvalTransform",
+    "ImageFolder",
+    "PretrainAugment",
+    "ResumableSampler",
+    "Sample",
+    "build_dataset",
+    "check_skipped",
+    "collate",
+    "decode_image",
+    "download_cifar10",
+    "load_cifar10",
+    "make_loader",
+    "normalize",
+    "spread",
+    "verify_checksum",
+]

@@ -1,0 +1,104 @@
+"""Batches of uint8 images: collate with the bad-file policy, and a resumable, rank-aware sampler."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mimkit.data.datasets import BadImageError, Sample
+
+
+def collate(samples: Sequence[Sample]) -> dict:
+    """Samples -> {"images": uint8 (B, 3, S, S), "labels": int64 (B,), "skipped": [(path, reason)]}.
+
+    Unreadable samples are dropped and listed in "skipped", so B can be smaller than the batch
+    size, even 0 (then "images" is (0, 3, 0, 0)).
+    """
+    good = [s for s in samples if s.image is not None]
+    images = torch.stack([s.image for s in good]) if good else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    return {
+        "images": images,
+        "labels": torch.tensor([s.label for s in good], dtype=torch.int64),
+        "skipped": [(s.path, s.reason) for s in samples if s.image is None],
+    }
+
+
+def check_skipped(batch: dict, strict: bool, seen: dict[str, str]) -> None:
+    """Apply the bad-file policy to a batch: in strict mode raise BadImageError for its first
+    unreadable file, else record its files in `seen` (path -> reason, each file once per run)."""
+    if strict and batch["skipped"]:
+        raise BadImageError(*batch["skipped"][0])
+    for path, reason in batch["skipped"]:
+        seen.setdefault(path, reason)
+
+
+class ResumableSampler(Sampler[int]):
+    """Sample indices for one rank, in an order fixed by (seed, epoch), resumable mid-epoch.
+
+    Epoch e's order is torch.randperm(num_samples) from a generator seeded by (seed, e) (or
+    0..N-1 without shuffle), the same on every rank and every run. The order is padded by
+    wrapping around (or, with drop_last, cut) to a multiple of world_size, and rank r takes
+    positions r, r + world_size, ...: the shares are disjoint and equally long.
+    `set_epoch(e, start)` selects the epoch and skips the first `start` indices of this rank's
+    share, e.g. start = steps_done_this_epoch * batch_size when resuming.
+    """
+
+    def __init__(
+        self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+        drop_last: bool = False,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.share = num_samples // world_size if drop_last else -(-num_samples // world_size)  # per rank
+        if self.share == 0:
+            raise ValueError(f"{num_samples} samples cannot be shared by {world_size} ranks")
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.share:
+            raise ValueError(f"start {start} is outside this rank's {self.share} samples")
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> torch.Tensor:
+        """This rank's whole share for the current epoch, int64 (share,)."""
+        if self.shuffle:
+            # A hash, not seed + epoch (torch's DistributedSampler), so distinct (seed, epoch)
+            # pairs never share an order.
+            key = hashlib.sha256(f"{self.seed},{self.epoch}".encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+            order = torch.randperm(self.num_samples, generator=g)
+        else:
+            order = torch.arange(self.num_samples)
+        total = self.share * self.world_size
+        order = order.repeat(-(-total // self.num_samples))[:total]  # wrap around to pad
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.share - self.start
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, *, seed: int, shuffle: bool = True, drop_last: bool = True,
+    num_workers: int = 0, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over this rank's share, yielding `collate` dicts.
+
+    Call `loader.sampler.set_epoch(epoch, start)` before iterating each epoch; it works with the
+    persistent workers too, as the sampler runs in the main process.
+    """
+    sampler = ResumableSampler(len(dataset), seed, shuffle, rank, world_size, drop_last)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate,
+        num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory,
+        # Each new iterator draws a worker base seed; its own generator keeps it from consuming
+        # the global torch RNG (and so from shifting model init or masking between runs).
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,139 @@
+"""Batched image transforms on the training device.
+
+Inputs are uint8 (B, 3, S, S) batches from the loader; outputs are normalised float32. All
+randomness comes from a `torch.Generator` argument, so tests pin it and resumed runs replay it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from kornia.geometry.transform import crop_and_resize
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(
+    images: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> torch.Tensor:
+    """Pixels in [0, 255] (uint8 or float, (B, 3, H, W)) -> float32 (x / 255 - mean) / std."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean_t) / std_t
+
+
+def random_resized_crop_params(
+    n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+    generator: torch.Generator, tries: int = 10,
+) -> tuple[torch.Tensor, ...]:
+    """Crop boxes (top, left, h, w), each float32 (n,) on the generator's device.
+
+    torchvision's RandomResizedCrop.get_params, vectorised: up to `tries` draws of an area
+    fraction uniform in `scale` and a log-uniform aspect ratio in `ratio`; each sample keeps its
+    first draw that fits the image, or else a central crop with the ratio clamped into range.
+    """
+    device = generator.device
+    area = height * width
+    fraction = scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, generator=generator, device=device)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, tries, generator=generator, device=device))
+    w = torch.round(torch.sqrt(area * fraction * aspect))
+    h = torch.round(torch.sqrt(area * fraction / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (n, tries)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # argmax returns the first maximum
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+
+    # Fallback of torchvision: the whole image, cropped to the nearest allowed aspect ratio.
+    if width / height < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    found = fits.any(1)
+    w = torch.where(found, w, float(fw))
+    h = torch.where(found, h, float(fh))
+
+    # Uniform integer offsets in [0, height - h] and [0, width - w] (randint's range).
+    u = torch.rand(n, 2, generator=generator, device=device)
+    top = torch.minimum(torch.floor(u[:, 0] * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u[:, 1] * (width - w + 1)), width - w)
+    top = torch.where(found, top, float((height - fh) // 2))
+    left = torch.where(found, left, float((width - fw) // 2))
+    return top, left, h, w
+
+
+def crop_boxes(
+    top: torch.Tensor, left: torch.Tensor, h: torch.Tensor, w: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Crops (each (B,)) -> kornia boxes (B, 4, 2) that resample like torchvision/PIL.
+
+    kornia maps the box corners onto the centres of the corner output pixels (inclusive pixel
+    coordinates, align-corners style). Resizing with half-pixel centres (align_corners=False)
+    reads output pixel k from source x = left + (k + 0.5) * w / size - 0.5, so the corner
+    pixels k = 0 and k = size - 1 sit half an output pixel inside the crop.
+    """
+    x0 = left + 0.5 * w / size - 0.5
+    x1 = left + w - 0.5 * w / size - 0.5
+    y0 = top + 0.5 * h / size - 0.5
+    y1 = top + h - 0.5 * h / size - 0.5
+    corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]  # top-left, top-right, bottom-right, bottom-left
+    return torch.stack([torch.stack(c, -1) for c in corners], 1)
+
+
+class PretrainAugment:
+    """MAE pretraining augmentation: RandomResizedCrop (bicubic) + horizontal flip + normalise.
+
+    uint8 (B, 3, S, S) -> float32 (B, 3, size, size).
+    """
+
+    def __init__(
+        self, size: int, scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+    ):
+        self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        b, _, height, width = images.shape
+        # Random numbers are drawn on the generator's device (often the CPU) and then moved, so
+        # the stream does not depend on where the images are.
+        params = random_resized_crop_params(b, height, width, self.scale, self.ratio, generator)
+        boxes = crop_boxes(*(p.to(images.device) for p in params), self.size)
+        x = crop_and_resize(
+            images.float(), boxes, (self.size, self.size), mode="bicubic", padding_mode="border",
+            align_corners=False,
+        )
+        x = x.clamp_(0, 255)  # bicubic overshoots; PIL/torchvision would saturate to uint8 here
+        if self.hflip:
+            flip = torch.rand(b, generator=generator, device=generator.device) < 0.5
+            x = torch.where(flip.to(x.device).view(b, 1, 1, 1), x.flip(-1), x)
+        return normalize(x, self.mean, self.std)
+
+
+class EvalTransform:
+    """Evaluation resize + center crop (MAE/timm): shorter side to int(size / crop_pct) (bicubic,
+    antialiased), center crop size, normalise. uint8 (B, 3, H, W) -> float32 (B, 3, size, size)."""
+
+    def __init__(
+        self, size: int, crop_pct: float = 224 / 256, mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ):
+        self.size, self.crop_pct, self.mean, self.std = size, crop_pct, tuple(mean), tuple(std)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        short = int(self.size / self.crop_pct)
+        x = images.float()
+        if min(height, width) != short:
+            if height <= width:
+                height, width = short, int(short * width / height)
+            else:
+                height, width = int(short * height / width), short
+            x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+            x = x.clamp_(0, 255)
+        top, left = round((height - self.size) / 2), round((width - self.size) / 2)
+        return normalize(x[..., top : top + self.size, left : left + self.size], self.mean, self.std)
