@@ -18,8 +18,9 @@ def test_defaults_are_the_papers():
 
 
 def test_overrides_are_typed(tmp_path):
-    cfg = load_config(None, ["train.epochs=3", "train.blr=1", "data.scale=[0.5, 1.0]", "model.preset=mae_vit_base_patch16"])
+    cfg = load_config(None, ["train.epochs=3", "train.blr=1", "train.lr=1e-4", "data.scale=[0.5, 1.0]", "model.preset=mae_vit_base_patch16"])
     assert cfg.train.epochs == 3 and cfg.train.blr == 1.0 and isinstance(cfg.train.blr, float)
+    assert cfg.train.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string; a float field accepts it
     assert cfg.data.scale == (0.5, 1.0)
     assert resolve_model_config(cfg.method, cfg.model).embed_dim == 768
 

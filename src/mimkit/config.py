@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,6 +150,9 @@ def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
     return ConfigError(f"{prefix}{key}: unknown key{hint}")
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; int is accepted for float and lists for tuples."""
     origin = typing.get_origin(tp)
@@ -176,6 +180,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, tp, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML reads `1e-4` (no dot) as a string: YAML 1.1
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. a numeric folder name given on the command line
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
