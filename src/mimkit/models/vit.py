@@ -167,9 +167,12 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path_rate: float = 0.0, init_values: float | None = None):
+                 drop_path_rate: float = 0.0, init_values: float | None = None, num_classes: int = 0,
+                 global_pool: str = "token"):
         super().__init__()
-        self.embed_dim, self.num_heads = embed_dim, num_heads
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        self.embed_dim, self.num_heads, self.global_pool = embed_dim, num_heads, global_pool
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # A parameter (as in MAE and timm) so fine-tuning can unfreeze it; fixed during pretraining.
@@ -179,7 +182,11 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=r, init_values=init_values) for r in rates
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        # timm / MAE fine-tuning: average pooling normalises after pooling (`fc_norm`) instead of
+        # before it (`norm`), so the two layouts have different keys.
+        self.norm = nn.Identity() if global_pool == "avg" else nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if global_pool == "avg" else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
 
     @property
     def patch_size(self) -> int:
@@ -214,8 +221,13 @@ class VisionTransformer(nn.Module):
         """All tokens, no masking: (B, C, H, W) -> (B, 1 + N, D), after the final norm."""
         return self.run_blocks(self.with_cls(self.embed(imgs)))
 
+    def pool(self, x: Tensor) -> Tensor:
+        """(B, 1 + N, D) -> (B, D): the cls token, or the mean of the patch tokens, then `fc_norm`."""
+        return self.fc_norm(x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0])
+
     def forward(self, imgs: Tensor) -> Tensor:
-        return self.forward_features(imgs)
+        """Class logits (B, num_classes), or pooled features (B, D) without a head."""
+        return self.head(self.pool(self.forward_features(imgs)))
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay besides norms and biases (timm's contract)."""
@@ -234,3 +246,19 @@ class VisionTransformer(nn.Module):
 def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
+
+
+def resample_pos_embed(pos_embed: Tensor, grid: int, num_prefix: int = 1) -> Tensor:
+    """Resize a (1, prefix + n*n, D) position embedding to a grid x grid patch grid, bicubic, as timm
+    and MAE's `interpolate_pos_embed` do; the prefix (cls) rows are kept. Same size: returned as is."""
+    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    old = int(round(patches.shape[1] ** 0.5))
+    if old * old != patches.shape[1]:
+        raise ValueError(f"position embedding of {patches.shape[1]} patches is not a square grid")
+    if old == grid:
+        return pos_embed
+    D = patches.shape[-1]
+    x = patches.reshape(1, old, old, D).permute(0, 3, 1, 2).float()  # (1, D, n, n)
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
+    x = x.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)
+    return torch.cat([prefix, x], dim=1)
