@@ -14,17 +14,18 @@ EPILOG = """overrides: any config field as section.key=value (values are YAML), 
 sections: method, model (preset + MAEConfig fields), data, train, out_dir. `mimkit pretrain --help-config` lists them."""
 
 
-def _config_reference() -> str:
-    lines = []
-    for section, cls in (("", Config), ("data.", DataConfig), ("train.", TrainConfig)):
-        for name, doc in field_docs(cls).items():
-            if section or name not in ("data", "train"):
-                lines.append(f"  {section}{name}: {doc}")
-    from mimkit.models.mae import PRESETS, MAEConfig
+def config_reference() -> list[tuple[str, str]]:
+    """(dotted key, meaning) for every config field, the model fields of every method included."""
+    from mimkit.models import METHODS
 
-    lines += [f"  model.{name}: {doc}" for name, doc in field_docs(MAEConfig).items()]
-    lines.append(f"  model presets (mae): {', '.join(PRESETS)}")
-    return "\n".join(lines)
+    rows = [(name, doc) for name, doc in field_docs(Config).items() if name not in ("data", "train")]
+    rows += [(f"data.{name}", doc) for name, doc in field_docs(DataConfig).items()]
+    rows += [(f"train.{name}", doc) for name, doc in field_docs(TrainConfig).items()]
+    for method, (cfg_cls, _, presets) in METHODS.items():
+        docs = field_docs(cfg_cls)
+        rows.append((f"model.preset ({method})", f"{docs.pop('preset')} One of {', '.join(presets)}."))
+        rows += [(f"model.{name} ({method})", doc) for name, doc in docs.items()]
+    return rows
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -32,7 +33,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from mimkit.train.loop import pretrain
 
     if args.help_config:
-        print(_config_reference())
+        print("\n".join(f"  {key}: {doc}" for key, doc in config_reference()))
         return
     if args.config is None:
         raise ConfigError("pretrain needs a config file, e.g. configs/pretrain/mae_vit_tiny_cifar10.yaml")

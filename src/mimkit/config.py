@@ -53,7 +53,7 @@ class DataConfig:
     cache_dir: str = "~/.cache/mimkit"
     """Where downloads, extracted archives and decoded CIFAR arrays are kept."""
     limit: int = 0
-    """Use only the first N samples (0 = all), for quick runs."""
+    """Use only N samples spread evenly over the dataset (0 = all), for quick runs."""
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, ("cifar10", "folder"))
