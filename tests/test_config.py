@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from mimkit.config import Config, ConfigError, load_config
-from mimkit.models import build_model, resolve_model_config
-from mimkit.models import resolved_config
+from mimkit.models import build_model, resolve_model_config, resolved_config
 
 CONFIGS = sorted(Path(__file__).parents[1].glob("configs/**/*.yaml"))
 
@@ -18,7 +17,8 @@ def test_defaults_are_the_papers():
 
 
 def test_overrides_are_typed(tmp_path):
-    cfg = load_config(None, ["train.epochs=3", "train.blr=1", "train.lr=1e-4", "data.scale=[0.5, 1.0]", "model.preset=mae_vit_base_patch16"])
+    cfg = load_config(None, ["train.epochs=3", "train.blr=1", "train.lr=1e-4", "data.scale=[0.5, 1.0]",
+                             "model.preset=mae_vit_base_patch16"])
     assert cfg.train.epochs == 3 and cfg.train.blr == 1.0 and isinstance(cfg.train.blr, float)
     assert cfg.train.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string; a float field accepts it
     assert cfg.data.scale == (0.5, 1.0)
@@ -56,7 +56,8 @@ def test_misspelt_and_mistyped_yaml_keys(tmp_path):
 def test_model_section_is_checked_against_the_method():
     with pytest.raises(ConfigError, match=r"^model.embed_dimm: unknown key; did you mean model.embed_dim\?$"):
         resolve_model_config("mae", {"embed_dimm": 8})
-    with pytest.raises(ConfigError, match=r"^model.preset: unknown preset 'mae_vit_bsae_patch16'; did you mean mae_vit_base_patch16\?$"):
+    unknown = r"^model.preset: unknown preset 'mae_vit_bsae_patch16'; did you mean mae_vit_base_patch16\?$"
+    with pytest.raises(ConfigError, match=unknown):
         resolve_model_config("mae", {"preset": "mae_vit_bsae_patch16"})
     with pytest.raises(ConfigError, match=r"^method: unknown method 'maee'; did you mean mae\?"):
         resolve_model_config("maee", {})

@@ -113,7 +113,8 @@ def test_features_never_mask():
 def test_presets_have_paper_sizes():
     assert PRESETS["mae_vit_large_patch16"]["embed_dim"] == 1024 and PRESETS["mae_vit_large_patch16"]["depth"] == 24
     assert PRESETS["mae_vit_huge_patch14"]["patch_size"] == 14
-    assert all(PRESETS[f"mae_vit_{s}_patch16"]["decoder_embed_dim"] == 512 for s in ("tiny", "small", "base", "large", "huge"))
+    sizes = ("tiny", "small", "base", "large", "huge")
+    assert all(PRESETS[f"mae_vit_{s}_patch16"]["decoder_embed_dim"] == 512 for s in sizes)
     with torch.device("meta"):
         model = build_model("mae", preset="mae_vit_base_patch16")
     enc = sum(v.numel() for k, v in model.encoder_state_dict().items() if k != "pos_embed")

@@ -11,7 +11,8 @@ from mimkit.config import Config, ConfigError, DataConfig, TrainConfig, field_do
 
 EPILOG = """overrides: any config field as section.key=value (values are YAML), e.g.
   train.epochs=2 train.batch_size=32 model.norm_pix_loss=true data.root=path/to/images
-sections: method, model (preset + MAEConfig fields), data, train, out_dir. `mimkit pretrain --help-config` lists them."""
+sections: method, model (preset + the method's fields), data, train, out_dir;
+`mimkit pretrain --help-config` lists every key."""
 
 
 def config_reference() -> list[tuple[str, str]]:
@@ -71,6 +72,52 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     print(save_reconstruction(model, batch, out, d.mean, d.std, seed=args.seed))
 
 
+WEIGHTS_EPILOG = """sources: a mimkit checkpoint or converted file; an official MAE checkpoint (mae_pretrain_vit_*.pth,
+mae_visualize_vit_*.pth, mae_finetuned_vit_*.pth); a Hugging Face directory (config.json + model.safetensors
+or pytorch_model.bin) of ViTMAEForPreTraining, ViTMAEModel, ViTModel or ViTForImageClassification; a timm
+ViT state dict (.pth, .bin, .safetensors). The architecture is read from the file; only the number of
+attention heads of a non-standard width needs --num-heads."""
+
+
+def _add_weight_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--img-size", type=int, default=None,
+                   help="resample the position embeddings (bicubic) to this resolution in pixels")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="encoder attention heads, for widths outside 192/384/768/1024/1280")
+    p.add_argument("--decoder-num-heads", type=int, default=None,
+                   help="MAE decoder attention heads, for decoder widths other than 512")
+    p.add_argument("--encoder-only", action="store_true", help="drop the decoder, keep the encoder")
+
+
+def _load_for_writing(args: argparse.Namespace):
+    from mimkit.convert import encoder_of, load
+
+    overrides = {k: v for k, v in (("img_size", args.img_size), ("num_heads", args.num_heads),
+                                   ("decoder_num_heads", args.decoder_num_heads)) if v is not None}
+    model = load(args.source, **overrides)
+    return encoder_of(model) if args.encoder_only else model
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from mimkit.convert import architecture_of, describe
+    from mimkit.export import save_official, save_safetensors
+
+    model = _load_for_writing(args)
+    out = (save_safetensors if Path(args.out).suffix == ".safetensors" else save_official)(model, args.out)
+    print(f"wrote {out}: {describe(*architecture_of(model))}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from mimkit.convert import architecture_of, describe, encoder_of
+    from mimkit.export import export
+
+    model = _load_for_writing(args)
+    if args.to == "timm":
+        model = encoder_of(model)
+    out = export(model, args.out, args.to)
+    print(f"wrote {out} ({args.to}): {describe(*architecture_of(model))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling pretraining of ViTs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +141,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="chooses the images and the masks")
     p.add_argument("--out", default=None, help="PNG path (default: beside the checkpoint)")
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("convert", help="read official MAE, Hugging Face or timm weights into a mimkit file",
+                       description="Read weights in any supported format and write a mimkit file that "
+                       "mimkit.load rebuilds from the file alone.", epilog=WEIGHTS_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="weights file or Hugging Face directory (see below)")
+    p.add_argument("out", help="OUT.safetensors (weights + architecture in the header) or OUT.pt/.pth "
+                   "(torch.save {model, method, config}, the official MAE layout)")
+    _add_weight_options(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write weights for timm, official MAE code, transformers, or as safetensors",
+                       description="Load weights (any supported format) and write them for another library: "
+                       "timm: the encoder as a timm VisionTransformer state dict (.pth, or .safetensors); "
+                       "official: {'model': state} as the official MAE checkpoints, decoder included; "
+                       "hf: a directory transformers loads with from_pretrained (ViTMAEForPreTraining with a "
+                       "decoder, ViTForImageClassification with a classifier, else ViTModel); "
+                       "safetensors: all weights plus the architecture in the header.",
+                       epilog=WEIGHTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="CKPT", help="weights file or Hugging Face directory (see below)")
+    p.add_argument("--to", required=True, choices=["timm", "official", "hf", "safetensors"], help="target format")
+    p.add_argument("--out", required=True, help="output file (a directory for --to hf)")
+    _add_weight_options(p)
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -1,9 +1,9 @@
-"""The pretraining loop, shared by every method.
+"""The training loop, shared by every pretraining method and by the supervised evaluation protocols.
 
 One visible order per optimizer step (nanoGPT `train.py`, torchtitan `train_step`):
 schedule -> autocast forward -> non-finite bookkeeping -> backward -> unscale + clip -> step ->
-zero_grad -> log -> hooks -> checkpoint. The model computes its own loss; the loop never looks
-inside it. The only host syncs are at log and checkpoint steps.
+zero_grad -> log -> hooks -> checkpoint. The task computes its own loss (`loss_fn`); the loop
+never looks inside it. The only host syncs are at log and checkpoint steps.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import yaml
 from torch import nn
 
 import mimkit
-from mimkit.config import Config
+from mimkit.config import Config, TrainConfig
 from mimkit.convert import load_checked
 from mimkit.data import EvalTransform, PretrainAugment, build_dataset, check_skipped, make_loader, spread
 from mimkit.models import METHODS, resolve_model_config, resolved_config
@@ -30,10 +31,6 @@ from mimkit.train.optim import build_adamw, cosine_lr, set_lr
 from mimkit.viz import save_reconstruction
 
 log = logging.getLogger("mimkit")
-
-Hook = Callable[[int, nn.Module], "dict | None"]
-"""Called after every optimizer step with (step, model); may return metrics to log at that step."""
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stops and the last checkpoint is left as it was."""
@@ -46,24 +43,41 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = ()) -> dict:
-    """Pretrain `cfg.method` on `cfg.data`; write checkpoints, metrics.jsonl, pictures and config.yaml
-    under `cfg.out_dir`. `resume` is None, "auto" (the latest valid checkpoint, if any) or a path.
-    Returns a summary: final step, last logged loss, checkpoint path, skipped files."""
-    if world_size() > 1:
-        raise RuntimeError("multi-process training is not supported yet: run mimkit with a single process")
-    t, d = cfg.train, cfg.data
-    model_cfg = resolve_model_config(cfg.method, cfg.model)
-    out_dir = Path(cfg.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    device = pick_device(t.device)
+@dataclass
+class StepInfo:
+    """What a hook sees after each optimizer step."""
 
-    torch.manual_seed(t.seed)  # weight initialisation
-    model = METHODS[cfg.method][1](model_cfg).to(device)
-    dataset = build_dataset(d.dataset, d.root, d.split, img_size=model_cfg.img_size, load_size=d.load_size,
-                            strict=d.strict, cache_dir=d.cache_dir, limit=d.limit)
-    loader = make_loader(dataset, t.batch_size, seed=t.seed, shuffle=True, drop_last=True,
-                         num_workers=d.num_workers)
+    step: int
+    """Optimizer steps done."""
+    epoch: int
+    """Epochs started (0-based epoch of the step just done)."""
+    steps_per_epoch: int
+    end_of_epoch: bool
+    model: nn.Module
+    """The unwrapped model being trained."""
+
+
+Hook = Callable[[StepInfo], "dict | None"]
+"""Called after every optimizer step; may return metrics to log at that step (e.g. an online kNN monitor)."""
+
+LossFn = Callable[[nn.Module, dict, torch.Generator], torch.Tensor]
+"""(model, batch from the loader, generator) -> scalar loss: augmentation and forward of one task."""
+
+
+def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optimizer, t: TrainConfig, *,
+        out_dir: str | Path, config: dict, kind: str, strict: bool = False, num_workers: int = 0,
+        resume: str | None = None, hooks: list[Hook] = (), on_checkpoint: Callable[[int], None] | None = None,
+        ) -> dict:
+    """The one training loop: schedule, AMP, accumulation, clipping, logging, hooks, atomic checkpoints
+    and exact resume, for any task whose loss `loss_fn` computes.
+
+    `resume` is None, "auto" (the latest valid checkpoint in out_dir/checkpoints, if any) or a path.
+    `config` and `kind` are stored in checkpoints so that `mimkit.load` can rebuild the model.
+    Returns a summary: final step, last logged loss, checkpoint path, skipped files, out_dir."""
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    device = next(model.parameters()).device
+    loader = make_loader(dataset, t.batch_size, seed=t.seed, shuffle=True, drop_last=True, num_workers=num_workers)
     steps_per_epoch = len(loader) // t.accum_steps
     if steps_per_epoch == 0:
         raise ValueError(f"the dataset has {len(dataset)} images, fewer than one optimizer step needs "
@@ -73,13 +87,8 @@ def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = ()) -> 
     effective_batch = t.batch_size * t.accum_steps * world_size()
     base_lr = t.lr or t.blr * effective_batch / 256  # MAE's linear scaling rule
     warmup_steps = round(t.warmup_epochs * steps_per_epoch)
-
-    optimizer = build_adamw(model, base_lr, t.weight_decay, t.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     generator = torch.Generator().manual_seed(t.seed + 1)  # augmentation and masks
-    augment = PretrainAugment(model_cfg.img_size, scale=d.scale, ratio=d.ratio, hflip=d.hflip, mean=d.mean,
-                              std=d.std)
-    vis_batch = _picture_batch(dataset, t.vis_images, model_cfg.img_size, d)
 
     step, skipped = 0, {}
     found = checkpoint.load_latest(ckpt_dir) if resume == "auto" else None
@@ -99,29 +108,27 @@ def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = ()) -> 
     main = is_main()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     metrics = MetricsLog(out_dir, enabled=main, resume_step=step if found else None)
     log.info("%s: %d images, %d steps/epoch, %d steps, effective batch %d, lr %.3g, device %s",
-             cfg.method, len(dataset), steps_per_epoch, last_step, effective_batch, base_lr, device)
+             kind, len(dataset), steps_per_epoch, last_step, effective_batch, base_lr, device)
 
     def save_checkpoint() -> Path:
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "step": step, "epoch": step // steps_per_epoch, "rng": checkpoint.rng_state(generator),
-            "skipped": list(skipped.items()), "config": resolved_config(cfg), "method": cfg.method,
-            "version": mimkit.__version__,
+            "skipped": list(skipped.items()), "config": config, "method": kind, "version": mimkit.__version__,
         }
         path = checkpoint.save(ckpt_dir, step, state, t.keep_last)
-        if vis_batch is not None:
-            save_reconstruction(model, vis_batch, out_dir / "pictures" / f"recon-{step:08d}.png", d.mean, d.std,
-                                seed=t.seed)
+        if on_checkpoint is not None:
+            on_checkpoint(step)
         return path
 
-    bar = progress(last_step, step, main, desc=cfg.method)
+    bar = progress(last_step, step, main, desc=kind)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # step of the first non-finite loss
     loss_sum = torch.zeros((), device=device)
     images, logged_steps, last_loss, ckpt_path = 0, 0, float("nan"), None
-    timer = time.perf_counter()
+    timer = started = time.perf_counter()
     model.train()
     while step < last_step:
         epoch, start = divmod(step, steps_per_epoch)
@@ -132,13 +139,12 @@ def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = ()) -> 
             set_lr(optimizer, lr)
             for _ in range(t.accum_steps):
                 batch = next(batches)
-                check_skipped(batch, d.strict, skipped)
+                check_skipped(batch, strict, skipped)
                 if batch["images"].shape[0] == 0:  # every file of this micro-batch was unreadable
                     continue
-                imgs = augment(batch["images"].to(device, non_blocking=True), generator)
-                images += imgs.shape[0]
+                images += batch["images"].shape[0]
                 with _autocast(device, t.precision):
-                    loss = model(imgs, generator=generator).loss / t.accum_steps
+                    loss = loss_fn(model, batch, generator) / t.accum_steps
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
                 loss_sum += loss.detach().float()
                 scaler.scale(loss).backward()
@@ -163,12 +169,14 @@ def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = ()) -> 
                 now = time.perf_counter()
                 last_loss = loss_sum.item() / logged_steps
                 record = {"step": step, "epoch": step / steps_per_epoch, "loss": last_loss, "lr": lr,
-                          "images_per_s": images / (now - timer), "skipped": len(skipped)}
+                          "images_per_s": images / (now - timer), "skipped": len(skipped),
+                          "time_s": now - started}
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.0f}")
                 loss_sum.zero_()
                 images, logged_steps, timer = 0, 0, now
+            info = StepInfo(step, epoch, steps_per_epoch, end_of_epoch, model)
             for hook in hooks:
-                record.update(hook(step, model) or {})
+                record.update(hook(info) or {})
             if record:
                 record.setdefault("step", step)
                 metrics.write(record)
@@ -183,6 +191,38 @@ def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = ()) -> 
         log.warning("skipped %d unreadable file(s): %s", len(skipped), names)
     return {"step": step, "loss": last_loss, "checkpoint": ckpt_path, "skipped": list(skipped),
             "out_dir": str(out_dir)}
+
+
+def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = ()) -> dict:
+    """Pretrain `cfg.method` on `cfg.data` with `fit`; write checkpoints, metrics.jsonl, pictures and
+    config.yaml under `cfg.out_dir`. See `fit` for `resume`, `hooks` and the summary returned."""
+    if world_size() > 1:
+        raise RuntimeError("multi-process training is not supported yet: run mimkit with a single process")
+    t, d = cfg.train, cfg.data
+    model_cfg = resolve_model_config(cfg.method, cfg.model)
+    device = pick_device(t.device)
+    torch.manual_seed(t.seed)  # weight initialisation
+    model = METHODS[cfg.method][1](model_cfg).to(device)
+    dataset = build_dataset(d.dataset, d.root, d.split, img_size=model_cfg.img_size, load_size=d.load_size,
+                            strict=d.strict, cache_dir=d.cache_dir, limit=d.limit)
+    augment = PretrainAugment(model_cfg.img_size, scale=d.scale, ratio=d.ratio, hflip=d.hflip, mean=d.mean,
+                              std=d.std)
+    optimizer = build_adamw(model, t.blr, t.weight_decay, t.betas)
+
+    def loss_fn(module: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        imgs = augment(batch["images"].to(device, non_blocking=True), generator)
+        return module(imgs, generator=generator).loss
+
+    vis_batch = _picture_batch(dataset, t.vis_images, model_cfg.img_size, d)
+
+    def picture(step: int) -> None:
+        if vis_batch is not None:
+            save_reconstruction(model, vis_batch, Path(cfg.out_dir) / "pictures" / f"recon-{step:08d}.png",
+                                d.mean, d.std, seed=t.seed)
+
+    return fit(model, loss_fn, dataset, optimizer, t, out_dir=cfg.out_dir, config=resolved_config(cfg),
+               kind=cfg.method, strict=d.strict, num_workers=d.num_workers, resume=resume, hooks=hooks,
+               on_checkpoint=picture)
 
 
 def _picture_batch(dataset, n: int, img_size: int, d) -> torch.Tensor | None:
