@@ -2,8 +2,8 @@ import pytest
 from PIL import Image
 
 from mimkit.cli import main
-from mimkit.train.loop import pretrain
 from mimkit.config import load_config
+from mimkit.train.loop import pretrain
 
 RECIPE = "configs/pretrain/mae_vit_tiny_cifar10.yaml"
 
@@ -33,6 +33,7 @@ def test_print_config(capsys):
 
 def test_visualize_a_checkpoint(tmp_path, capsys):
     cfg = load_config(RECIPE, ["model.depth=1", "model.decoder_depth=1", "train.max_steps=1", "data.limit=128",
+                               "train.batch_size=32",
                                "train.vis_images=0", f"out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"])
     ckpt = pretrain(cfg)["checkpoint"]
     out = tmp_path / "recon.png"

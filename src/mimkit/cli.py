@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import typing
 from pathlib import Path
 
-from mimkit.config import Config, ConfigError, DataConfig, TrainConfig, field_docs, load_config
+from mimkit.config import Config, ConfigError, DataConfig, field_docs, load_config
 
 EPILOG = """overrides: any config field as section.key=value (values are YAML), e.g.
   train.epochs=2 train.batch_size=32 model.norm_pix_loss=true data.root=path/to/images
@@ -15,26 +17,33 @@ sections: method, model (preset + the method's fields), data, train, out_dir;
 `mimkit pretrain --help-config` lists every key."""
 
 
-def config_reference() -> list[tuple[str, str]]:
-    """(dotted key, meaning) for every config field, the model fields of every method included."""
+def config_reference(root: type = Config) -> list[tuple[str, str]]:
+    """(dotted key, meaning) for every field of `Config` (with every method's model fields) or `EvalConfig`."""
     from mimkit.models import METHODS
 
-    rows = [(name, doc) for name, doc in field_docs(Config).items() if name not in ("data", "train")]
-    rows += [(f"data.{name}", doc) for name, doc in field_docs(DataConfig).items()]
-    rows += [(f"train.{name}", doc) for name, doc in field_docs(TrainConfig).items()]
-    for method, (cfg_cls, _, presets) in METHODS.items():
-        docs = field_docs(cfg_cls)
-        rows.append((f"model.preset ({method})", f"{docs.pop('preset')} One of {', '.join(presets)}."))
-        rows += [(f"model.{name} ({method})", doc) for name, doc in docs.items()]
+    sections = {name: cls for name, cls in typing.get_type_hints(root).items() if dataclasses.is_dataclass(cls)}
+    rows = [(name, doc) for name, doc in field_docs(root).items() if name not in sections]
+    for section, cls in sections.items():
+        rows += [(f"{section}.{name}", doc) for name, doc in field_docs(cls).items()]
+    if root is Config:
+        for method, (cfg_cls, _, presets) in METHODS.items():
+            docs = field_docs(cfg_cls)
+            rows.append((f"model.preset ({method})", f"{docs.pop('preset')} One of {', '.join(presets)}."))
+            rows += [(f"model.{name} ({method})", doc) for name, doc in docs.items()]
     return rows
+
+
+def _print_reference(root: type) -> None:
+    print("\n".join(f"  {key}: {doc}" for key, doc in config_reference(root)))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from mimkit.models import resolved_config
     from mimkit.train.loop import pretrain
+    from mimkit.viz import plot_run
 
     if args.help_config:
-        print("\n".join(f"  {key}: {doc}" for key, doc in config_reference()))
+        _print_reference(Config)
         return
     if args.config is None:
         raise ConfigError("pretrain needs a config file, e.g. configs/pretrain/mae_vit_tiny_cifar10.yaml")
@@ -44,9 +53,46 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
         print(yaml.safe_dump(resolved_config(cfg), sort_keys=False), end="")
         return
-    summary = pretrain(cfg, resume=args.resume)
+    hooks = []
+    if cfg.monitor.every_epochs:
+        from mimkit.eval.knn import KNNMonitor
+
+        hooks.append(KNNMonitor.from_config(cfg))
+    summary = pretrain(cfg, resume=args.resume, hooks=hooks)
+    plot_run(summary["out_dir"])
     print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}, "
           f"outputs in {summary['out_dir']}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from mimkit.config import EvalConfig, load_eval_config
+    from mimkit.convert import read_file
+    from mimkit.eval.run import evaluate
+    from mimkit.viz import plot_run
+
+    if args.help_config:
+        _print_reference(EvalConfig)
+        return
+    if args.checkpoint is None:
+        raise ConfigError(f"eval {args.protocol} needs a checkpoint: mimkit eval {args.protocol} CHECKPOINT")
+    # Unless told otherwise, evaluate on the pretraining data source with its normalisation.
+    state = read_file(args.checkpoint)
+    trained = state.get("config", {}).get("data", {}) if isinstance(state, dict) else {}
+    base = {"data": {k: trained[k] for k in ("dataset", "root", "mean", "std", "cache_dir") if k in trained}}
+    overrides = [f"checkpoint={args.checkpoint}", *args.overrides]
+    if args.data is not None:
+        overrides.insert(0, f"data.root={args.data}")
+    cfg = load_eval_config(args.protocol, args.config, overrides, base=base)
+    result = evaluate(cfg, resume=args.resume)
+    if cfg.protocol != "knn":
+        plot_run(cfg.out_dir)
+    print(f"{cfg.protocol}: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  ({cfg.out_dir}/results.json)")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from mimkit.viz import plot_run
+
+    print(plot_run(args.run_dir))
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
@@ -79,12 +125,21 @@ ViT state dict (.pth, .bin, .safetensors). The architecture is read from the fil
 attention heads of a non-standard width needs --num-heads."""
 
 
+EXPORT_DESCRIPTION = """Load weights (any supported format) and write them for another library:
+  timm         the encoder as a timm VisionTransformer state dict (.pth, or .safetensors by suffix);
+               head.* only for a classifier, never a decoder
+  official     {'model': state} as the official MAE checkpoints (decoder included), plus the architecture
+  hf           a directory transformers loads with from_pretrained: ViTMAEForPreTraining with a decoder,
+               ViTForImageClassification with a classifier, else ViTModel (add_pooling_layer=False)
+  safetensors  all weights, with the architecture in the header (mimkit.load rebuilds the model)"""
+
+
 def _add_weight_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--img-size", type=int, default=None,
+    p.add_argument("--img-size", type=int, default=None, metavar="PX",
                    help="resample the position embeddings (bicubic) to this resolution in pixels")
-    p.add_argument("--num-heads", type=int, default=None,
+    p.add_argument("--num-heads", type=int, default=None, metavar="N",
                    help="encoder attention heads, for widths outside 192/384/768/1024/1280")
-    p.add_argument("--decoder-num-heads", type=int, default=None,
+    p.add_argument("--decoder-num-heads", type=int, default=None, metavar="N",
                    help="MAE decoder attention heads, for decoder widths other than 512")
     p.add_argument("--encoder-only", action="store_true", help="drop the decoder, keep the encoder")
 
@@ -144,27 +199,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="read official MAE, Hugging Face or timm weights into a mimkit file",
                        description="Read weights in any supported format and write a mimkit file that "
-                       "mimkit.load rebuilds from the file alone.", epilog=WEIGHTS_EPILOG,
+                       "mimkit.load rebuilds\nthe model from, alone.", epilog=WEIGHTS_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="weights file or Hugging Face directory (see below)")
-    p.add_argument("out", help="OUT.safetensors (weights + architecture in the header) or OUT.pt/.pth "
+    p.add_argument("source", metavar="SRC", help="weights file or Hugging Face directory (see below)")
+    p.add_argument("out", metavar="OUT", help="OUT.safetensors (weights + architecture in the header) or OUT.pt/.pth "
                    "(torch.save {model, method, config}, the official MAE layout)")
     _add_weight_options(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="write weights for timm, official MAE code, transformers, or as safetensors",
-                       description="Load weights (any supported format) and write them for another library: "
-                       "timm: the encoder as a timm VisionTransformer state dict (.pth, or .safetensors); "
-                       "official: {'model': state} as the official MAE checkpoints, decoder included; "
-                       "hf: a directory transformers loads with from_pretrained (ViTMAEForPreTraining with a "
-                       "decoder, ViTForImageClassification with a classifier, else ViTModel); "
-                       "safetensors: all weights plus the architecture in the header.",
-                       epilog=WEIGHTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=EXPORT_DESCRIPTION, epilog=WEIGHTS_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="CKPT", help="weights file or Hugging Face directory (see below)")
     p.add_argument("--to", required=True, choices=["timm", "official", "hf", "safetensors"], help="target format")
     p.add_argument("--out", required=True, help="output file (a directory for --to hf)")
     _add_weight_options(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: knn, linprobe, attnprobe or finetune",
+                       epilog="overrides: section.key=value, e.g. train.epochs=10 probe.pool=mean "
+                              "data.dataset=folder; `mimkit eval knn --help-config` lists every key")
+    p.add_argument("protocol", choices=["knn", "linprobe", "attnprobe", "finetune"])
+    p.add_argument("checkpoint", nargs="?", help="a mimkit checkpoint (or any weights mimkit.load reads)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--data", default=None, help="labelled data (data.root): a folder, CIFAR-10 source or 'builtin'")
+    p.add_argument("--config", default=None, help="YAML recipe, e.g. configs/eval/linear_cifar10.yaml")
+    p.add_argument("--resume", default=None, help="'auto' or a checkpoint path (supervised protocols)")
+    p.add_argument("--help-config", action="store_true", help="list every evaluation config key")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="draw loss, lr and accuracy curves of a run from its metrics.jsonl")
+    p.add_argument("run_dir", help="a pretraining or evaluation output folder")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -93,6 +93,9 @@ class TrainConfig:
     """Seeds weights, data order, augmentation and masks; a CPU run is bit-for-bit repeatable."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs); the schedule still spans all epochs."""
+    max_minutes: float = 0.0
+    """Stop (with a checkpoint) after this much wall-clock time in this process (0 = no limit); the
+    schedule still spans all epochs, so set `epochs` to what the budget allows."""
     log_every: int = 10
     """Optimizer steps between log lines (and non-finite-loss checks)."""
     ckpt_every: int = 0
@@ -107,9 +110,29 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accum_steps", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)!r}")
-        for name in ("blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "max_steps",
+        for name in ("blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "max_steps", "max_minutes",
                      "ckpt_every", "vis_images"):
             check_nonneg(f"train.{name}", getattr(self, name))
+
+
+@dataclass
+class MonitorConfig:
+    every_epochs: int = 0
+    """Online kNN evaluation every this many epochs of pretraining (0 = off), logged as knn_top1/top5."""
+    bank_size: int = 5000
+    """Labelled training images (spread over the train split) that form the kNN bank."""
+    query_size: int = 1000
+    """Test-split images that are classified."""
+    pool: str = "cls"
+    """Features: `cls` token or `mean` of the patch tokens."""
+    k: int = 20
+    """Neighbours that vote."""
+    temperature: float = 0.07
+    """Vote weight exp(similarity / temperature)."""
+
+    def __post_init__(self) -> None:
+        check_choice("monitor.pool", self.pool, ("cls", "mean"))
+        check_nonneg("monitor.every_epochs", self.every_epochs)
 
 
 @dataclass
@@ -122,8 +145,120 @@ class Config:
     """Training data and augmentation."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, schedule, precision, logging and checkpoints."""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """Optional online kNN evaluation while pretraining."""
     out_dir: str = "runs/pretrain"
     """Where checkpoints, logs, pictures and the resolved config are written."""
+
+
+@dataclass
+class ProbeConfig:
+    pool: str = "cls"
+    """Frozen features for kNN and the linear probe: `cls` token or `mean` of the patch tokens."""
+    k: int = 20
+    """kNN: neighbours that vote (DINO / lightly: 20)."""
+    temperature: float = 0.07
+    """kNN: votes are weighted by exp(cosine similarity / temperature)."""
+    chunk_size: int = 1024
+    """kNN: test images compared with the whole bank at once (bounds memory: chunk x bank floats)."""
+    augment: bool = True
+    """Linear / attentive probe: train through the frozen encoder with RandomResizedCrop + flip, as the
+    papers do; false trains on features computed once (much faster on a CPU)."""
+    num_heads: int = 0
+    """Attentive probe: heads of its cross-attention (0 = the encoder's)."""
+
+    def __post_init__(self) -> None:
+        check_choice("probe.pool", self.pool, ("cls", "mean"))
+
+
+@dataclass
+class FinetuneConfig:
+    layer_decay: float = 0.75
+    """Layer-wise lr decay (MAE: 0.65 for ViT-B, 0.75 for ViT-L/H)."""
+    drop_path: float = 0.1
+    """Stochastic depth rate (MAE: 0.1 for ViT-B, 0.2 for ViT-L)."""
+    global_pool: str = "avg"
+    """`avg` (mean of patch tokens, then `fc_norm`: MAE) or `token` (cls token after `norm`)."""
+    smoothing: float = 0.1
+    """Label smoothing."""
+    mixup: float = 0.8
+    """Mixup Beta(alpha, alpha) parameter (0 = off)."""
+    cutmix: float = 1.0
+    """CutMix Beta(alpha, alpha) parameter (0 = off)."""
+    mix_prob: float = 1.0
+    """Probability of mixing a batch at all."""
+    switch_prob: float = 0.5
+    """With both on, probability of CutMix instead of mixup for a batch."""
+    randaug_n: int = 2
+    """RandAugment: operations per image (0 = off)."""
+    randaug_m: int = 9
+    """RandAugment: magnitude on the 0-30 scale of timm and kornia (MAE: rand-m9)."""
+    reprob: float = 0.25
+    """Random erasing probability."""
+    scratch: bool = False
+    """Start from random weights (MAE initialisation) instead of the checkpoint: the from-scratch baseline."""
+
+    def __post_init__(self) -> None:
+        check_choice("finetune.global_pool", self.global_pool, ("avg", "token"))
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "knn"
+    """`knn`, `linprobe`, `attnprobe` or `finetune`."""
+    checkpoint: str = ""
+    """The model to evaluate: a mimkit checkpoint (or any file `mimkit.load` reads)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(scale=(0.08, 1.0)))
+    """Labelled data: `split` is the training split (the kNN bank, the probe's training set)."""
+    val_split: str = "test"
+    """Split that is scored."""
+    img_size: int = 0
+    """Evaluation resolution (0 = the model's); position embeddings are interpolated when it differs."""
+    crop_pct: float = 0.0
+    """Validation images are resized to img_size / crop_pct and center-cropped; 0 = only center-crop
+    what the data workers decoded (folders: load_size, i.e. 224 / 256 = 0.875; CIFAR: the whole image)."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """kNN and probe settings."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Fine-tuning regularisation and augmentation."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation of the probe or fine-tuning (protocol defaults: see `PROTOCOL_DEFAULTS`)."""
+    out_dir: str = "runs/eval"
+    """Where metrics.jsonl, results.json and the best and last checkpoints go."""
+
+    def __post_init__(self) -> None:
+        check_choice("protocol", self.protocol, tuple(PROTOCOL_DEFAULTS))
+        check_choice("val_split", self.val_split, ("train", "test"))
+
+
+# The papers' recipes (MAE appendix A.2 / A.1, CAE section 4); recipes under configs/eval override them.
+PROTOCOL_DEFAULTS: dict[str, dict] = {
+    "knn": {},
+    "linprobe": {"train": {"epochs": 90, "batch_size": 256, "blr": 0.1, "warmup_epochs": 10, "weight_decay": 0.0,
+                           "vis_images": 0, "log_every": 50}},
+    "attnprobe": {"train": {"epochs": 90, "batch_size": 256, "blr": 0.1, "warmup_epochs": 10, "weight_decay": 0.0,
+                            "vis_images": 0, "log_every": 50}},
+    "finetune": {"train": {"epochs": 100, "batch_size": 64, "blr": 5e-4, "warmup_epochs": 5, "weight_decay": 0.05,
+                           "betas": [0.9, 0.999], "vis_images": 0, "log_every": 50}},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_eval_config(protocol: str, path: str | Path | None = None, overrides: list[str] = (),
+                     base: dict | None = None) -> EvalConfig:
+    """The protocol's paper defaults, then `base` (e.g. the checkpoint's data settings), then a YAML
+    recipe, then dotted overrides; validated."""
+    if protocol not in PROTOCOL_DEFAULTS:
+        raise ConfigError(f"protocol: {protocol!r} is not one of {', '.join(PROTOCOL_DEFAULTS)}")
+    data = _merge(PROTOCOL_DEFAULTS[protocol], base or {})
+    data = _merge(_merge(data, _read_yaml(path) if path is not None else {}), {"protocol": protocol})
+    return from_dict(EvalConfig, apply_overrides(data, list(overrides)))
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -236,21 +371,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML recipe (or start from the defaults), apply dotted overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-    apply_overrides(data, list(overrides))
-    return from_dict(Config, data)
+    data = _read_yaml(path) if path is not None else {}
+    return from_dict(Config, apply_overrides(data, list(overrides)))
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -1,56 +1,96 @@
-"""Weights in and out: key maps between mimkit (timm / official MAE names) and other formats.
+"""Weights in: read official MAE, Hugging Face, timm and mimkit files into a ready model.
 
-mimkit's own names are those of the official `models_mae.py` and timm, so an official MAE
-state dict needs no renaming, only unwrapping. Hugging Face's ViTMAE uses separate q/k/v
-projections: a fused qkv is split by rows (`[:D]`, `[D:2D]`, `[2D:]`). Every load goes through
-`check_state_dict`, which compares every key and shape and names what does not fit.
+mimkit's parameter names are those of timm and the official `models_mae.py`, so official MAE and
+timm state dicts need no renaming, only unwrapping (`{"model": ...}`, `module.` prefixes). Hugging
+Face's ViT / ViTMAE use separate q/k/v projections: a fused qkv is split by rows (`[:D]`, `[D:2D]`,
+`[2D:]`) and fused back on the way in. Every load compares every key and shape
+(`check_state_dict`) and names what does not fit.
+
+The architecture comes from the source, never from the user's guess: from the config stored in a
+mimkit file, or read off the weights (width, depth, patch size from the conv kernel, grid from
+`pos_embed`, decoder sizes, classes from `head`). Only the number of attention heads is not in the
+weights: it comes from `config.json` when there is one, else from the standard width -> heads
+table (`HEADS`), and the caller can always say `num_heads=`.
+
+Formats read (see `read_weights`; the export side is `mimkit.export`):
+  - mimkit training checkpoints (`{"model", "method", "config"}`) and the files `mimkit convert`
+    and `mimkit export --to official|safetensors` write (the config travels with the weights);
+  - official MAE checkpoints under a `model` key: `mae_pretrain_vit_*.pth` (encoder),
+    `mae_visualize_vit_*.pth` (encoder + decoder: an `MAE`), `mae_finetuned_vit_*.pth`
+    (classifier with `fc_norm` + `head`, average pooling);
+  - Hugging Face directories (config.json + model.safetensors / pytorch_model.bin, sharded or not)
+    of ViTMAEForPreTraining, ViTMAEModel, ViTModel and ViTForImageClassification, with the names
+    transformers 5 uses in memory, the 4.x hub names it writes to disk, or its 5.x save quirk
+    `decoder.decoder_encoder.layer.*`;
+  - timm ViT state dicts (.pth / .bin / .safetensors; also under `state_dict`).
+  - official CAE pretraining checkpoints (`encoder.*`, `regresser.*`; see the end of this file).
+New layouts plug in as one entry of `formats()`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
+import logging
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-# Per-block names: mimkit -> transformers >= 5 ViTMAE.
+from mimkit.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be read or do not fit: the message names the file and the offending keys."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Names: mimkit (timm / official MAE) <-> Hugging Face ViT and ViTMAE
+# ---------------------------------------------------------------------------------------------
+
+# Per-block names: mimkit -> transformers 5 (in memory) and -> transformers 4.x (on disk, and what
+# transformers 5 still writes with save_pretrained). `attn.q|k|v` are halves of the split qkv.
 _BLOCK_TO_HF = {
-    "norm1": "layernorm_before",
-    "attn.proj": "attention.o_proj",
-    "norm2": "layernorm_after",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
+    "attn.q": "attention.q_proj", "attn.k": "attention.k_proj", "attn.v": "attention.v_proj",
+    "norm1": "layernorm_before", "attn.proj": "attention.o_proj", "norm2": "layernorm_after",
+    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
 }
-# transformers 4.x names of the same tensors (hub checkpoints such as facebook/vit-mae-base).
-_BLOCK_FROM_HF_LEGACY = {
-    "layernorm_before": "norm1",
-    "attention.output.dense": "attn.proj",
-    "layernorm_after": "norm2",
-    "intermediate.dense": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-    "attention.attention.query": "attn.q",
-    "attention.attention.key": "attn.k",
-    "attention.attention.value": "attn.v",
+_BLOCK_TO_HF_LEGACY = {
+    "attn.q": "attention.attention.query", "attn.k": "attention.attention.key",
+    "attn.v": "attention.attention.value", "norm1": "layernorm_before",
+    "attn.proj": "attention.output.dense", "norm2": "layernorm_after",
+    "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
 }
-_TOP_TO_HF = {
-    "cls_token": "vit.embeddings.cls_token",
-    "pos_embed": "vit.embeddings.position_embeddings",
-    "patch_embed.proj": "vit.embeddings.patch_embeddings.projection",
-    "norm": "vit.layernorm",
+_BLOCK_FROM_HF = {v: k for k, v in _BLOCK_TO_HF.items()} | {v: k for k, v in _BLOCK_TO_HF_LEGACY.items()}
+
+# Outside the blocks; the encoder part is prefixed by `vit.` in ViTMAEForPreTraining and
+# ViTForImageClassification, and by nothing in ViTModel / ViTMAEModel.
+_ENCODER_TO_HF = {
+    "cls_token": "embeddings.cls_token",
+    "pos_embed": "embeddings.position_embeddings",
+    "patch_embed.proj": "embeddings.patch_embeddings.projection",
+    "norm": "layernorm",
+}
+_OUTSIDE_TO_HF = {
     "decoder_embed": "decoder.decoder_embed",
     "mask_token": "decoder.mask_token",
     "decoder_pos_embed": "decoder.decoder_pos_embed",
     "decoder_norm": "decoder.decoder_norm",
     "decoder_pred": "decoder.decoder_pred",
+    "head": "classifier",  # ViTForImageClassification's head sits outside `vit.`
 }
-_STACKS = {"blocks": "vit.layers", "decoder_blocks": "decoder.decoder_layers"}
-_STACKS_LEGACY = {"vit.encoder.layer": "blocks", "decoder.decoder_layers": "decoder_blocks"}
-
-
-class WeightsError(ValueError):
-    """Weights that do not fit: the message lists the offending keys."""
+_HF_BLOCK = re.compile(r"^(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
+_HF_DECODER_BLOCK = re.compile(r"^decoder\.(?:decoder_layers|decoder_encoder\.layer)\.(\d+)\.(.+)$")
+# ViTModel's pooler (dense + tanh on the cls token) has no counterpart in mimkit, whose models end
+# at the final norm; it is dropped on the way in (see `hf_to_mae`).
+_HF_POOLER = re.compile(r"^(?:vit\.)?pooler\.dense\.(?:weight|bias)$")
 
 
 def _split_suffix(key: str) -> tuple[str, str]:
@@ -62,51 +102,86 @@ def _join(stem: str, leaf: str) -> str:
     return f"{stem}.{leaf}" if leaf else stem
 
 
-def mae_to_hf(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """mimkit / official MAE state dict -> transformers `ViTMAEForPreTraining` state dict."""
+def _shorten(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def mae_to_hf(state: Mapping[str, Tensor], prefix: str = "vit.", legacy: bool = False) -> dict[str, Tensor]:
+    """mimkit state dict -> Hugging Face ViT / ViTMAE names, qkv split into q, k, v.
+
+    `prefix` is `"vit."` for ViTMAEForPreTraining and ViTForImageClassification, `""` for ViTModel
+    and ViTMAEModel. `legacy=False` gives the names of transformers 5 models in memory (for
+    `load_state_dict`); `legacy=True` the 4.x hub names, which both 4.x and 5.x `from_pretrained`
+    read (what `mimkit export --to hf` writes). `head` becomes `classifier`. `fc_norm` (average
+    pooling) and LayerScale have no Hugging Face ViT counterpart and raise.
+    """
+    block_names = _BLOCK_TO_HF_LEGACY if legacy else _BLOCK_TO_HF
     out = {}
     for key, value in state.items():
         stem, leaf = _split_suffix(key)
         m = re.match(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)$", stem)
         if m:
-            prefix = f"{_STACKS[m[1]]}.{m[2]}"
+            stack = ("encoder.layer" if legacy else "layers") if m[1] == "blocks" else "decoder.decoder_layers"
+            base = f"{prefix}{stack}.{m[2]}" if m[1] == "blocks" else f"{stack}.{m[2]}"
             if m[3] == "attn.qkv":
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                    out[f"{prefix}.attention.{name}.{leaf}"] = part.clone()
-                continue
-            if m[3] not in _BLOCK_TO_HF:
-                raise WeightsError(f"no Hugging Face name for {key}")
-            out[_join(f"{prefix}.{_BLOCK_TO_HF[m[3]]}", leaf)] = value
-        elif stem in _TOP_TO_HF:
-            out[_join(_TOP_TO_HF[stem], leaf)] = value
+                for n, part in zip("qkv", value.chunk(3, dim=0)):
+                    out[_join(f"{base}.{block_names['attn.' + n]}", leaf)] = part.clone()
+            elif m[3] in block_names:
+                out[_join(f"{base}.{block_names[m[3]]}", leaf)] = value
+            else:
+                raise WeightsError(f"{key} has no Hugging Face ViT counterpart (LayerScale and other "
+                                   "additions to the plain ViT block cannot be exported to transformers' ViT)")
+        elif stem in _ENCODER_TO_HF:
+            out[_join(prefix + _ENCODER_TO_HF[stem], leaf)] = value
+        elif stem in _OUTSIDE_TO_HF:
+            out[_join(_OUTSIDE_TO_HF[stem], leaf)] = value
+        elif stem == "fc_norm":
+            raise WeightsError("fc_norm (average pooling, as in MAE fine-tuning) has no Hugging Face ViT "
+                               "counterpart: transformers' ViT classifies the cls token after the final norm")
         else:
-            raise WeightsError(f"no Hugging Face name for {key}")
+            raise WeightsError(f"{key} has no Hugging Face ViT counterpart")
     return out
 
 
 def hf_to_mae(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """transformers ViTMAE state dict (5.x names, or 4.x hub names) -> mimkit names, q/k/v fused."""
-    top = {v: k for k, v in _TOP_TO_HF.items()}
-    block = {v: k for k, v in _BLOCK_TO_HF.items()}
-    block.update({f"attention.{n}_proj": f"attn.{n}" for n in "qkv"}, **_BLOCK_FROM_HF_LEGACY)
-    stacks = {v: k for k, v in _STACKS.items()} | _STACKS_LEGACY
-    out, unknown = {}, []
+    """Hugging Face ViT / ViTMAE state dict -> mimkit names, q/k/v fused back into qkv.
+
+    Accepts transformers 5 in-memory names (`vit.layers.0.attention.q_proj`), 4.x hub names
+    (`vit.encoder.layer.0.attention.attention.query`), the `decoder.decoder_encoder.layer.*` names
+    transformers 5 writes for the ViTMAE decoder, with or without the `vit.` prefix. ViTModel's
+    `pooler.dense` is dropped: mimkit models end at the final norm, which is what
+    `last_hidden_state` is. Any other unknown key raises a `WeightsError` listing them.
+    """
+    encoder = {v: k for k, v in _ENCODER_TO_HF.items()}
+    top = {v: k for k, v in _OUTSIDE_TO_HF.items()}
+    out, unknown, pooler = {}, [], []
     for key, value in state.items():
         stem, leaf = _split_suffix(key)
-        m = re.match(r"^(vit\.layers|vit\.encoder\.layer|decoder\.decoder_layers)\.(\d+)\.(.+)$", stem)
-        if m and m[3] in block:
-            out[_join(f"{stacks[m[1]]}.{m[2]}.{block[m[3]]}", leaf)] = value
+        m = _HF_BLOCK.match(stem) or _HF_DECODER_BLOCK.match(stem)
+        bare = stem.removeprefix("vit.")
+        if m and m[2] in _BLOCK_FROM_HF:
+            stack = "decoder_blocks" if stem.startswith("decoder.") else "blocks"
+            out[_join(f"{stack}.{m[1]}.{_BLOCK_FROM_HF[m[2]]}", leaf)] = value
+        elif bare in encoder:
+            out[_join(encoder[bare], leaf)] = value
         elif stem in top:
             out[_join(top[stem], leaf)] = value
+        elif _HF_POOLER.match(key):
+            pooler.append(key)
         else:
             unknown.append(key)
     if unknown:
-        raise WeightsError(f"unknown ViTMAE keys: {', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else ""))
+        raise WeightsError(f"unknown Hugging Face ViT keys: {_shorten(unknown)} (mimkit reads ViT, ViTMAE, "
+                           "ViTModel and ViTForImageClassification weights)")
+    if pooler:
+        log.info("dropping the Hugging Face ViT pooler (%s): mimkit models end at the final norm", ", ".join(pooler))
     # Fuse attn.q / attn.k / attn.v back into attn.qkv (rows q, then k, then v).
-    for key in [k for k in out if re.search(r"\.attn\.q\.(weight|bias)$", k)]:
-        base, leaf = key.rsplit(".attn.q.", 1)
-        parts = [out.pop(f"{base}.attn.{n}.{leaf}") for n in "qkv"]
-        out[f"{base}.attn.qkv.{leaf}"] = torch.cat(parts, dim=0)
+    for key in [k for k in out if re.search(r"\.attn\.q(\.weight|\.bias)?$", k)]:
+        base, _, leaf = key.partition(".attn.q")
+        parts = [out.pop(f"{base}.attn.{n}{leaf}", None) for n in "qkv"]
+        if any(p is None for p in parts):
+            raise WeightsError(f"{base}: q, k and v projections must all be present (missing some of them)")
+        out[f"{base}.attn.qkv{leaf}"] = torch.cat(parts, dim=0)
     return out
 
 
@@ -124,28 +199,413 @@ def hf_config_from_mae(cfg) -> dict:
     )
 
 
-def mae_config_from_hf(hf: Mapping) -> dict:
-    """A mimkit `model:` section from a ViTMAE `config.json` dict."""
-    # The hub configs say layer_norm_eps 1e-12, but MAE's weights were trained with 1e-6, which
-    # mimkit always uses.
-    return dict(
-        img_size=hf["image_size"], patch_size=hf["patch_size"], in_chans=hf.get("num_channels", 3),
-        embed_dim=hf["hidden_size"], depth=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        mlp_ratio=hf["intermediate_size"] / hf["hidden_size"], decoder_embed_dim=hf["decoder_hidden_size"],
-        decoder_depth=hf["decoder_num_hidden_layers"], decoder_num_heads=hf["decoder_num_attention_heads"],
-        mask_ratio=hf.get("mask_ratio", 0.75), norm_pix_loss=bool(hf.get("norm_pix_loss", False)),
+def hf_config_from_vit(cfg: Mapping) -> dict:
+    """`ViTConfig` keyword arguments equivalent to a mimkit ViT config (see `vit_fields`)."""
+    out = dict(
+        hidden_size=cfg["embed_dim"], num_hidden_layers=cfg["depth"], num_attention_heads=cfg["num_heads"],
+        intermediate_size=int(cfg["embed_dim"] * cfg["mlp_ratio"]), hidden_act="gelu",
+        qkv_bias=cfg["qkv_bias"], image_size=cfg["img_size"], patch_size=cfg["patch_size"],
+        num_channels=cfg["in_chans"], encoder_stride=cfg["patch_size"], layer_norm_eps=1e-6,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
+    if cfg["num_classes"]:
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg["num_classes"])}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(cfg["num_classes"])}
+    return out
+
+
+def _hints_from_hf_config(hf: Mapping, where: str) -> dict:
+    """What a Hugging Face config.json adds to the weights: heads, and MAE's masking settings.
+
+    Its `layer_norm_eps` is ignored: the hub configs say 1e-12, but MAE and ViT weights were
+    trained with 1e-6, which mimkit always uses.
+    """
+    kind = hf.get("model_type")
+    if kind not in ("vit", "vit_mae"):
+        raise WeightsError(f"{where}: model_type {kind!r} is not a ViT; mimkit reads Hugging Face 'vit' and "
+                           "'vit_mae' models")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise WeightsError(f"{where}: hidden_act {hf['hidden_act']!r}; mimkit's ViT uses the exact (erf) 'gelu'")
+    hints = {"num_heads": hf.get("num_attention_heads")}
+    if kind == "vit_mae":
+        hints |= {"decoder_num_heads": hf.get("decoder_num_attention_heads"), "mask_ratio": hf.get("mask_ratio"),
+                  "norm_pix_loss": hf.get("norm_pix_loss")}
+    return {k: v for k, v in hints.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------------
+
+
+def read_file(path: str | Path) -> object:
+    """Whatever a `.pt`/`.pth`/`.bin` (torch.save) or `.safetensors` file holds, loaded on the CPU;
+    a missing or unreadable file raises a one-line error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)[0]
+    try:
+        # weights_only=False: official MAE checkpoints pickle an argparse Namespace, mimkit ones NumPy
+        # RNG state. Only load files you trust.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated archive, pickle error, not a torch file, ...
+        raise WeightsError(f"{path}: cannot read weights, the file is corrupt or not a PyTorch checkpoint "
+                           f"({type(e).__name__}: {e})") from None
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and the string metadata of a `.safetensors` file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # bad header, truncated data, ...
+        raise WeightsError(f"{path}: cannot read weights, the file is corrupt or not safetensors "
+                           f"({type(e).__name__}: {e})") from None
 
 
 def unwrap_official(obj: Mapping) -> dict[str, Tensor]:
-    """An official facebookresearch/mae checkpoint (`{"model": state}` or the bare state) -> state dict.
+    """An official facebookresearch/mae (`{"model": state}`) or timm (`{"state_dict": state}`)
+    checkpoint, or a bare state dict -> state dict.
 
     Also strips the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes that wrapped saves leave.
     """
-    state = obj.get("model", obj) if isinstance(obj, Mapping) else obj
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise WeightsError("not a state dict: expected a mapping of names to tensors (or one under 'model')")
+    state = obj
+    if isinstance(obj, Mapping):
+        state = next((obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), Mapping)), obj)
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsError("not a state dict: expected a mapping of names to tensors (or one under 'model' "
+                           "or 'state_dict')")
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+
+
+def _is_hf(state: Mapping[str, Tensor]) -> bool:
+    return any(re.match(r"^(vit\.)?(embeddings\.|encoder\.layer\.|layers\.\d)|^decoder\.decoder_", k) for k in state)
+
+
+def _is_timm(state: Mapping[str, Tensor]) -> bool:
+    return "patch_embed.proj.weight" in state or any(k.startswith("blocks.") for k in state)
+
+
+def _from_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """timm / official MAE names are mimkit's. timm's `no_embed_class` models keep no position row for
+    the cls token, which is the same as mimkit's zero row: one is added."""
+    pos = state.get("pos_embed")
+    if pos is not None and pos.ndim == 3 and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        state = dict(state, pos_embed=torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], dim=1))
+    return state
+
+
+class Format(NamedTuple):
+    """A layout of bare state dicts: how to recognise it and how to rename it to mimkit's names."""
+
+    name: str
+    detect: Callable[[Mapping[str, Tensor]], bool]
+    to_mimkit: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+    architecture: Callable[[dict[str, Tensor]], tuple[str, dict]] | None = None
+    """(method, model config) from the renamed weights; None: `infer_architecture` reads MAE / ViT."""
+
+
+def formats() -> list[Format]:
+    """The layouts `read_weights` recognises, tried in order (official CAE first: its decoder keys
+    `decoder.decoder_blocks.*` would pass for Hugging Face ones). Official MAE uses timm's names.
+    A new layout is one more entry here."""
+    return [
+        Format("official CAE", is_official_cae, cae_from_official,
+               lambda state: ("cae", cae_config_from_official(state))),
+        Format("Hugging Face", _is_hf, hf_to_mae),
+        Format("timm / official MAE", _is_timm, _from_timm),
+    ]
+
+
+@dataclasses.dataclass
+class Weights:
+    """Weights in mimkit names, with what their source says of the architecture."""
+
+    state: dict[str, Tensor]
+    name: str
+    """The source, for messages."""
+    method: str | None = None
+    """Set when the source stores its architecture (mimkit files): then `config` is complete."""
+    config: dict = dataclasses.field(default_factory=dict)
+    """The model config stored in the source (with `method`), else hints such as heads from config.json."""
+
+
+def _mimkit_entry(obj: object) -> tuple[str, dict] | None:
+    """(method, model config) of a mimkit file: a training checkpoint or a converted file."""
+    if isinstance(obj, Mapping) and {"model", "method", "config"} <= obj.keys() and "model" in obj["config"]:
+        return obj["method"], dict(obj["config"]["model"])
+    return None
+
+
+def _weights_of(obj: object, name: str, hints: dict) -> Weights:
+    """The state dict in `obj`, in mimkit names, whichever of `formats()` it is in."""
+    try:
+        state = unwrap_official(obj)
+    except WeightsError as e:
+        raise WeightsError(f"{name}: {e}") from None
+    for fmt in formats():
+        if fmt.detect(state):
+            try:
+                state = fmt.to_mimkit(state)
+                if fmt.architecture is None:
+                    return Weights(state, name, config=hints)
+                return Weights(state, name, *fmt.architecture(state))
+            except WeightsError as e:
+                raise WeightsError(f"{name}: {e}") from None
+    raise WeightsError(
+        f"{name}: not a Vision Transformer checkpoint mimkit can read: its keys ({_shorten(list(state), 5)}) "
+        "match none of the known layouts: official MAE / timm (patch_embed.proj.weight, blocks.0.attn.qkv.weight, "
+        "...), Hugging Face ViT / ViTMAE (vit.embeddings.*, encoder.layer.0.*), official CAE, or a mimkit file. "
+        "It may come from another architecture.")
+
+
+def _read_hf_dir(path: Path) -> Weights:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path}: a directory of weights needs a config.json (a Hugging Face model)")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{cfg_file}: not valid JSON ({e})") from None
+    hints = _hints_from_hf_config(hf, str(cfg_file))
+    raw: dict[str, Tensor] = {}
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (path / single).is_file():
+            files = [path / single]
+        elif (path / index).is_file():
+            files = sorted({path / f for f in json.loads((path / index).read_text())["weight_map"].values()})
+        else:
+            continue
+        for f in files:
+            raw |= unwrap_official(read_file(f))
+        break
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (nor a sharded index) beside "
+                                "config.json")
+    try:
+        state = hf_to_mae(raw)
+    except WeightsError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    return Weights(state, str(path), config=hints)
+
+
+def read_weights(source: str | Path | Mapping) -> Weights:
+    """Any supported source (see the module docstring) -> `Weights` in mimkit names."""
+    if isinstance(source, Mapping):
+        name, obj, meta = "weights", source, {}
+    else:
+        path = Path(source)
+        name = str(path)
+        if path.is_dir():
+            return _read_hf_dir(path)
+        if path.suffix == ".safetensors":
+            obj, meta = read_safetensors(path)
+            if "mimkit" not in meta and (path.parent / "config.json").is_file() and _is_hf(obj):  # in a HF dir
+                return _read_hf_dir(path.parent)
+        else:
+            obj, meta = read_file(path), {}
+    if "mimkit" in meta:  # written by mimkit.export: the architecture travels in the header
+        try:
+            entry = json.loads(meta["mimkit"])
+            return Weights(dict(obj), name, entry["method"], dict(entry["model"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise WeightsError(f"{name}: the 'mimkit' header entry is damaged ({type(e).__name__}: {e})") from None
+    entry = _mimkit_entry(obj)
+    if entry is not None:
+        return Weights(unwrap_official(obj["model"]), name, *entry)
+    hints = {}
+    args = obj.get("args") if isinstance(obj, Mapping) else None
+    if args is not None:  # an official MAE training checkpoint keeps its argparse Namespace
+        hints = {k: getattr(args, k) for k in ("mask_ratio", "norm_pix_loss") if hasattr(args, k)}
+    return _weights_of(obj, name, hints)
+
+
+def read_state(source: str | Path | Mapping) -> dict[str, Tensor]:
+    """A state dict in mimkit names from any supported source (file, directory or mapping)."""
+    return read_weights(source).state
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture: read off the weights, build, describe
+# ---------------------------------------------------------------------------------------------
+
+# Attention heads of the standard widths (ViT paper; DeiT for 192 and 384): the one thing the
+# weights do not say. MAE's decoders: 512 wide, 16 heads (`models_mae.py`, HF ViTMAEConfig).
+HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+DECODER_HEADS = {512: 16}
+# A bare encoder is method "vit": a `VisionTransformer` built from its keyword arguments (`vit_fields`).
+POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")  # (1, 1 + N, D): one cls row, then the grid
+
+
+def vit_fields() -> tuple[str, ...]:
+    """The keyword arguments of `VisionTransformer`: the model config of method "vit"."""
+    from mimkit.models.vit import VisionTransformer
+
+    return tuple(inspect.signature(VisionTransformer).parameters)
+
+
+def method_fields(method: str) -> tuple[str, ...]:
+    """The model-config fields of a method ("vit" for a bare `VisionTransformer`)."""
+    if method == "vit":
+        return vit_fields()
+    from mimkit.models import METHODS, resolve_model_config
+
+    resolve_model_config(method, {})  # unknown method -> ConfigError naming the known ones
+    return tuple(f.name for f in dataclasses.fields(METHODS[method][0]))
+
+
+def _depth(state: Mapping[str, Tensor], stack: str, where: str) -> int:
+    ids = sorted({int(m[1]) for k in state if (m := re.match(rf"^{stack}\.(\d+)\.", k))})
+    if ids != list(range(len(ids))):
+        gaps = sorted(set(range(max(ids) + 1)) - set(ids))
+        raise WeightsError(f"{where}: {stack} {', '.join(map(str, gaps))} missing (found {len(ids)} of "
+                           f"{max(ids) + 1}); the file is incomplete")
+    return len(ids)
+
+
+def _grid(pos: Tensor, key: str, where: str) -> int:
+    n = pos.shape[1] - 1 if pos.ndim == 3 else 0
+    if n < 1 or math.isqrt(n) ** 2 != n:
+        raise WeightsError(f"{where}: {key} of shape {tuple(pos.shape)} is not (1, 1 + n*n, D)")
+    return math.isqrt(n)
+
+
+def infer_architecture(state: Mapping[str, Tensor], given: Mapping | None = None,
+                       where: str = "weights") -> tuple[str, dict]:
+    """(method, model config) of a state dict in mimkit names, read off the weights.
+
+    Sizes come from the tensors; heads from `given` (config.json or the caller) else `HEADS` /
+    `DECODER_HEADS`. With a decoder it is an "mae", else a "vit" (`VisionTransformer`), whose
+    classifier (`head`) and pooling (`fc_norm` without `norm`: average, MAE fine-tuning) are read
+    too. `given` fields that the method does not have are ignored.
+    """
+    given = dict(given or {})
+    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+        missing = [k for k in ("patch_embed.proj.weight", "pos_embed") if k not in state]
+        raise WeightsError(f"{where}: not a Vision Transformer: no {' or '.join(missing)} among "
+                           f"{_shorten(sorted(state), 5)}")
+    D, C, p, _ = state["patch_embed.proj.weight"].shape
+    depth = _depth(state, "blocks", where)
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    cfg = dict(img_size=_grid(state["pos_embed"], "pos_embed", where) * p, patch_size=p, in_chans=C, embed_dim=D,
+               depth=depth, num_heads=HEADS.get(D), mlp_ratio=fc1.shape[0] / D if fc1 is not None else 4.0)
+    if "decoder_embed.weight" in state:
+        method = "mae"
+        Dd = state["decoder_embed.weight"].shape[0]
+        cfg |= dict(decoder_embed_dim=Dd, decoder_depth=_depth(state, "decoder_blocks", where),
+                    decoder_num_heads=DECODER_HEADS.get(Dd))
+        dfc1 = state.get("decoder_blocks.0.mlp.fc1.weight")
+        if dfc1 is not None and dfc1.shape[0] / Dd != cfg["mlp_ratio"]:
+            raise WeightsError(f"{where}: decoder MLP ratio {dfc1.shape[0] / Dd} differs from the encoder's "
+                               f"{cfg['mlp_ratio']}; mimkit's MAE uses one ratio for both")
+    else:
+        method = "vit"
+        head = state.get("head.weight")
+        cfg |= dict(qkv_bias="blocks.0.attn.qkv.bias" in state or depth == 0, drop_path_rate=0.0,
+                    # any non-zero value: the trained LayerScale gammas are loaded over it
+                    init_values=1.0 if "blocks.0.ls1.gamma" in state else None,
+                    num_classes=head.shape[0] if head is not None else 0,
+                    global_pool="avg" if "fc_norm.weight" in state and "norm.weight" not in state else "token")
+        if "blocks.0.attn.q_bias" in state:  # BEiT-style q and v biases, no k bias (CAE)
+            cfg |= dict(qv_bias=True, qkv_bias=False)
+    fields = method_fields(method)
+    cfg |= {k: v for k, v in given.items() if k in fields}
+    for key, part, width, table in (("num_heads", "encoder", D, HEADS),
+                                    ("decoder_num_heads", "decoder", cfg.get("decoder_embed_dim"), DECODER_HEADS)):
+        if key in cfg and cfg[key] is None:
+            known = ", ".join(f"{w}: {h}" for w, h in table.items())
+            raise WeightsError(f"{where}: the weights do not say how many attention heads the {width}-wide {part} "
+                               f"has (standard widths: {known}); pass {key}=... (command line: "
+                               f"--{key.replace('_', '-')})")
+    return method, cfg
+
+
+def build_architecture(method: str, cfg: Mapping) -> nn.Module:
+    """A freshly initialised model: a `VisionTransformer` for "vit", else `build_model(method, cfg)`."""
+    from mimkit.models import build_model
+    from mimkit.models.vit import VisionTransformer
+
+    if method != "vit":
+        return build_model(method, dict(cfg))
+    fields = vit_fields()
+    unknown = sorted(set(cfg) - set(fields))
+    if unknown:
+        raise ConfigError(f"vit: unknown option(s) {', '.join(unknown)} (known: {', '.join(fields)})")
+    return VisionTransformer(**cfg)
+
+
+def architecture_of(model: nn.Module) -> tuple[str, dict]:
+    """(method, model config) that `build_architecture` turns back into a model like `model`."""
+    from mimkit.models import METHODS
+    from mimkit.models.vit import LayerScale, VisionTransformer
+
+    for method, (_, cls, _) in METHODS.items():
+        if type(model) is cls:
+            return method, dataclasses.asdict(model.cfg)
+    if type(model) is not VisionTransformer:
+        raise WeightsError(f"cannot describe a {type(model).__name__}: expected a VisionTransformer or a model of "
+                           "mimkit.models.METHODS")
+    blocks = model.blocks
+    extra = {}
+    if len(blocks) and getattr(blocks[0].attn, "q_bias", None) is not None:
+        extra = dict(qv_bias=True)
+    return "vit", extra | dict(
+        img_size=model.img_size, patch_size=model.patch_size, in_chans=model.patch_embed.proj.in_channels,
+        embed_dim=model.embed_dim, depth=len(blocks), num_heads=model.num_heads,
+        mlp_ratio=blocks[0].mlp.fc1.out_features / model.embed_dim if len(blocks) else 4.0,
+        qkv_bias=blocks[0].attn.qkv.bias is not None if len(blocks) else True,
+        drop_path_rate=blocks[-1].drop_path1.p if len(blocks) else 0.0,  # the last block has the full rate
+        init_values=1.0 if len(blocks) and isinstance(blocks[0].ls1, LayerScale) else None,
+        num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
+        global_pool=model.global_pool,
+    )
+
+
+def describe(method: str, cfg: Mapping) -> str:
+    """One line: `mae ViT 768x12 (12 heads), patch 16, 224 px, decoder 512x8`."""
+    s = (f"{method} ViT {cfg.get('embed_dim')}x{cfg.get('depth')} ({cfg.get('num_heads')} heads), "
+         f"patch {cfg.get('patch_size')}, {cfg.get('img_size')} px")
+    if cfg.get("decoder_embed_dim"):
+        s += f", decoder {cfg['decoder_embed_dim']}x{cfg['decoder_depth']}"
+    if cfg.get("num_classes"):
+        s += f", {cfg['num_classes']} classes ({cfg.get('global_pool')} pooling)"
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Position embeddings, checks and loading
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_pos_embed(state: Mapping[str, Tensor], grid: int) -> dict[str, Tensor]:
+    """Resize every (1, 1 + n*n, D) position embedding in `state` to a grid x grid patch grid,
+    bicubic, keeping the cls row (`resample_pos_embed`, as MAE's `interpolate_pos_embed` and timm).
+    Same grid: unchanged."""
+    from mimkit.models.vit import resample_pos_embed
+
+    out = dict(state)
+    for key in POS_EMBED_KEYS:
+        if key in out and out[key].ndim == 3 and out[key].shape[1] != grid * grid + 1:
+            _grid(out[key], key, "weights")
+            out[key] = resample_pos_embed(out[key], grid)
+    return out
+
+
+def _target_grid(cfg: Mapping) -> int | None:
+    img, patch = cfg.get("img_size"), cfg.get("patch_size")
+    if img is None or patch is None:
+        return None
+    if img % patch:
+        raise ConfigError(f"img_size {img} is not a multiple of the patch size {patch}")
+    return img // patch
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], what: str = "weights") -> None:
@@ -155,11 +615,12 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], what: str = 
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in state and state[k].shape != v.shape]
-    problems = [f"{label}: {', '.join(items[:8])}" + (" ..." if len(items) > 8 else "")
-                for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-                if items]
+    problems = [f"{label}: {_shorten(items)}"
+                for label, items in (("missing", missing), ("unexpected", unexpected),
+                                     ("shape mismatch (file vs model)", shapes)) if items]
     if problems:
-        raise WeightsError(f"{what} do not fit {type(model).__name__}: " + "; ".join(problems))
+        raise WeightsError(f"{what} do not fit the {type(model).__name__}: " + "; ".join(problems) +
+                           ". The file is incomplete or holds another architecture than this model.")
 
 
 def load_checked(model: nn.Module, state: Mapping[str, Tensor], what: str = "weights") -> nn.Module:
@@ -169,38 +630,162 @@ def load_checked(model: nn.Module, state: Mapping[str, Tensor], what: str = "wei
     return model
 
 
-
-def read_file(path: str | Path) -> object:
-    """Whatever a `.pt`/`.pth`/`.bin` (torch.save) or `.safetensors` file holds, loaded on the CPU;
-    a missing or unreadable file raises a one-line error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated archive, pickle error, header error, ...
-        raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+def resolve_architecture(weights: Weights, overrides: Mapping) -> tuple[str, dict]:
+    """(method, model config) for `weights`: stored or read off the weights, then the caller's overrides."""
+    if weights.method is not None:
+        method, cfg = weights.method, dict(weights.config)
+    else:
+        method, cfg = infer_architecture(weights.state, {**weights.config, **overrides}, weights.name)
+    fields = method_fields(method)
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ConfigError(f"{weights.name} holds a {method} model, which has no option {', '.join(unknown)} "
+                          f"(its options: {', '.join(f for f in fields if f != 'preset')})")
+    return method, cfg | dict(overrides)
 
 
-def read_state(source: str | Path | Mapping) -> dict[str, Tensor]:
-    """A state dict from a file (official `{"model": ...}` or bare, a mimkit checkpoint, safetensors)
-    or a mapping; Hugging Face ViTMAE names are mapped to mimkit's."""
-    state = unwrap_official(source if isinstance(source, Mapping) else read_file(source))
-    if any(k.startswith(("vit.", "decoder.decoder_")) for k in state):
-        state = hf_to_mae(state)
-    return state
+def load(source: str | Path | Mapping, device: str | torch.device = "cpu", **overrides) -> nn.Module:
+    """A ready model (eval mode) from any supported weights: a file, a Hugging Face directory or a
+    state dict; see the module docstring for the formats.
+
+    The architecture is the one stored in mimkit files, else read off the weights. `overrides` are
+    model-config fields: `num_heads=` / `decoder_num_heads=` for non-standard widths, `img_size=` to
+    resample the position embeddings (bicubic) to another resolution, `mask_ratio=`, ...
+    Returns an `MAE` when there is a decoder, else a `VisionTransformer` (with its classifier, if any).
+    """
+    weights = read_weights(source)
+    method, cfg = resolve_architecture(weights, overrides)
+    grid = _target_grid(cfg)
+    state = fit_pos_embed(weights.state, grid) if grid else weights.state
+    model = build_architecture(method, cfg)
+    return load_checked(model, state, weights.name).to(device).eval()
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A model from a mimkit checkpoint, built from the config stored in it, in eval mode."""
-    from mimkit.models import build_model  # models import config only; keep convert importable alone
+def load_weights(model: nn.Module, source: str | Path | Mapping) -> nn.Module:
+    """Load any supported weights into an existing `model` (e.g. a preset), in place; returns it.
 
-    state = read_file(path)
-    if not isinstance(state, Mapping) or not {"model", "config", "method"} <= state.keys():
-        raise WeightsError(f"{path}: not a mimkit checkpoint (it needs 'model', 'config' and 'method' entries)")
-    model = build_model(state["method"], state["config"]["model"])
-    return load_checked(model, state["model"], f"checkpoint {path}").to(device).eval()
+    Position embeddings are resampled to the model's grid. Loading into a bare encoder (a
+    `VisionTransformer`) keeps only the source's encoder: parts the encoder does not have at all (an
+    MAE decoder, CAE's regressor) are dropped, as MAE's fine-tuning does with a pretraining
+    checkpoint. Every other missing, unexpected or misshaped key raises a `WeightsError`.
+    """
+    from mimkit.models.vit import VisionTransformer
+
+    weights = read_weights(source)
+    state = weights.state
+    if type(model) is VisionTransformer:
+        parts = {k.split(".")[0] for k in model.state_dict()}
+        state = {k: v for k, v in state.items() if k.split(".")[0] in parts}
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid:
+        state = fit_pos_embed(state, grid)
+    return load_checked(model, state, weights.name)
+
+
+def with_img_size(model: nn.Module, img_size: int) -> nn.Module:
+    """A copy of `model` for `img_size` pixels, position embeddings resampled (bicubic); same size: `model`."""
+    if img_size == model.img_size:
+        return model
+    method, cfg = architecture_of(model)
+    cfg = dict(cfg, img_size=img_size)
+    state = fit_pos_embed(model.state_dict(), _target_grid(cfg))
+    new = load_checked(build_architecture(method, cfg), state, "resampled weights")
+    return new.to(model.cls_token.device).train(model.training)
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The encoder alone as a `VisionTransformer` (timm layout): `model` itself if it is one, else built
+    from `model.encoder_state_dict()` (MAE, and any method that provides it)."""
+    from mimkit.models.vit import VisionTransformer
+
+    if type(model) is VisionTransformer:
+        return model
+    if not hasattr(model, "encoder_state_dict"):
+        raise WeightsError(f"{type(model).__name__} has no encoder_state_dict(): cannot separate its encoder")
+    state = model.encoder_state_dict()
+    if hasattr(model, "encoder_kwargs"):  # the method says how its encoder is built (CAE)
+        cfg = model.encoder_kwargs()
+    else:
+        _, cfg = infer_architecture(state, {"num_heads": model.num_heads}, f"{type(model).__name__} encoder")
+    encoder = load_checked(build_architecture("vit", cfg), state, "encoder weights")
+    return encoder.to(model.cls_token.device).train(model.training)
+
+
+# --------------------------------------------------------------------------- official CAE (Atten4Vis/CAE)
+
+# Official CAE pretraining state dict -> mimkit `CAE` names (models/modeling_cae.py and
+# modeling_cae_helper.py of Atten4Vis/CAE; note their spelling `regresser`). First match wins.
+_CAE_FROM_OFFICIAL = [
+    (r"^encoder\.blocks\.(\d+)\.gamma_([12])$", r"blocks.\1.ls\2.gamma"),
+    (r"^encoder\.", ""),  # patch_embed, cls_token, pos_embed, blocks (attn.qkv.weight, attn.q_bias/v_bias), norm
+    (r"^encoder_to_regresser(_norm)?\.", r"encoder_to_regressor\1."),
+    (r"^rd_pos_embed$", "decoder_pos_embed"),
+    (r"^mask_token$", "mask_token"),
+    (r"^regresser\.regressor_blocks\.(\d+)\.norm1_([qkv])\.", r"regressor_blocks.\1.norm_\2."),
+    (r"^regresser\.regressor_blocks\.(\d+)\.norm2_cross\.", r"regressor_blocks.\1.norm2."),
+    (r"^regresser\.regressor_blocks\.(\d+)\.cross_attn\.", r"regressor_blocks.\1.attn."),
+    (r"^regresser\.regressor_blocks\.(\d+)\.mlp_cross\.", r"regressor_blocks.\1.mlp."),
+    (r"^regresser\.regressor_blocks\.(\d+)\.gamma_([12])_cross$", r"regressor_blocks.\1.ls\2.gamma"),
+    (r"^regresser\.norm\.", "regressor_norm."),
+    (r"^decoder\.decoder_blocks\.(\d+)\.gamma_([12])$", r"decoder_blocks.\1.ls\2.gamma"),
+    (r"^decoder\.decoder_blocks\.", "decoder_blocks."),
+    (r"^decoder\.norm\.", "decoder_norm."),
+    (r"^decoder\.head\.", "decoder_pred."),
+]
+# Heads of the official CAE models by width (`cae_{tiny,small,base,large}_patch16_224`: 12, 12, 12, 16).
+CAE_OFFICIAL_HEADS = {192: 12, 384: 12, 768: 12, 1024: 16}
+
+
+def is_official_cae(state: Mapping[str, Tensor]) -> bool:
+    """Whether a state dict is an official CAE pretraining checkpoint (`encoder.*`, `regresser.*`)."""
+    return any(k.startswith(("regresser.", "encoder.patch_embed.")) for k in state)
+
+
+def cae_from_official(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Official CAE pretraining state dict (already unwrapped from `{"model": ...}`) -> mimkit `CAE` names.
+
+    The official alignment encoder (`alignment_encoder.*`) is a per-step copy of the encoder's
+    weights and is dropped; mimkit computes the alignment target with the encoder itself.
+    """
+    out, unknown = {}, []
+    for key, value in state.items():
+        if key.startswith("alignment_encoder."):
+            continue
+        for pattern, repl in _CAE_FROM_OFFICIAL:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                out[new] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        more = " ..." if len(unknown) > 10 else ""
+        raise WeightsError(f"unknown official CAE keys: {', '.join(unknown[:10])}{more}")
+    return out
+
+
+def cae_config_from_official(state: Mapping[str, Tensor]) -> dict:
+    """A mimkit `model:` section (method `cae`) for an official CAE state dict, in official or mimkit names.
+
+    Sizes are read off the tensors, heads from `CAE_OFFICIAL_HEADS`; a 8192-way head means DALL-E token
+    targets. LayerScale values are placeholders (the trained gammas are loaded over them).
+    """
+    if is_official_cae(state):
+        state = cae_from_official(state)
+
+    def count(stack: str) -> int:
+        return len({m[1] for k in state if (m := re.match(rf"^{stack}\.(\d+)\.", k))})
+
+    D, C, p, _ = state["patch_embed.proj.weight"].shape
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    Dd = state["decoder_pos_embed"].shape[-1]
+    out = state["decoder_pred.weight"].shape[0]
+    return dict(
+        img_size=grid * p, patch_size=p, in_chans=C, embed_dim=D, depth=count("blocks"),
+        num_heads=CAE_OFFICIAL_HEADS.get(D, 12), mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / D,
+        qv_bias="blocks.0.attn.q_bias" in state, init_values=0.1 if "blocks.0.ls1.gamma" in state else 0.0,
+        decoder_embed_dim=Dd, decoder_num_heads=CAE_OFFICIAL_HEADS.get(Dd, 12),
+        regressor_depth=count("regressor_blocks"), decoder_depth=count("decoder_blocks"),
+        decoder_init_values=0.1 if "regressor_blocks.0.ls1.gamma" in state else 0.0,
+        target="pixels" if out == p * p * C else "tokens",
+    )

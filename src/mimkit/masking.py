@@ -8,6 +8,8 @@ Every masking function returns `(ids_keep, ids_restore, mask)`:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -45,3 +47,138 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: Te
 def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     """Select tokens per sample: x (B, N, D), ids (B, K) -> (B, K, D)."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+# --------------------------------------------------------------------------- block-wise masking
+
+MASK_TYPES = ("random", "block")
+BEIT_MIN_BLOCK, BEIT_GRID_AREA = 16, 196  # BEiT / CAE: blocks of at least 16 patches on a 14 x 14 grid
+MAX_ROUNDS = 1000  # attempts per image before the last few patches are filled at random (never seen in tests)
+
+
+def scaled_min_block(num_patches: int) -> int:
+    """BEiT's minimum block of 16 patches, scaled by grid area: 16 on 14 x 14, 5 on 8 x 8.
+
+    The minimum is a fraction of the image (16 / 196 ~ 8%), so a smaller grid needs a smaller one;
+    an unscaled 16 would be a quarter of an 8 x 8 grid and leave 32-patch targets with two blocks.
+    """
+    return max(1, round(BEIT_MIN_BLOCK * num_patches / BEIT_GRID_AREA))
+
+
+def _grid_side(num_patches: int) -> int:
+    side = int(round(num_patches**0.5))
+    if side * side != num_patches:
+        raise ValueError(f"block masking needs a square grid of patches, got {num_patches}")
+    return side
+
+
+def block_mask(batch: int, grid: int, num_masked: int, *, min_block: int | None = None,
+               max_block: int | None = None, min_aspect: float = 0.3, max_aspect: float | None = None,
+               generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+               return_blocks: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """BEiT's block-wise mask generator (`MaskingGenerator`), batched, with exactly `num_masked` per image.
+
+    Rectangles are added until the count is reached: area ~ U(min_block, min(remaining, max_block)),
+    log-aspect (h / w) ~ U(log min_aspect, log max_aspect), sides rounded, both sides smaller than the
+    grid, position uniform; a rectangle is accepted when it adds between 1 and `remaining` new patches
+    (it may overlap earlier ones). As in CAE's copy of the generator, drawing continues until the count
+    is exact, so batches stay rectangular. One deviation: a rectangle whose rounded sides leave the
+    aspect range is redrawn, so the bounds hold exactly. All images draw in parallel, one attempt per
+    round, from `generator`; images still short after `MAX_ROUNDS` rounds get their last patches at
+    random (1 x 1 blocks).
+
+    Returns the mask (B, N) bool, True = masked, in grid (row-major) order; with `return_blocks`, also
+    the accepted rectangles as rows (image, top, left, h, w) of an int64 tensor.
+    """
+    H = W = grid
+    if not 0 < num_masked < H * W:
+        raise ValueError(f"num_masked must be in [1, {H * W - 1}], got {num_masked}")
+    min_block = scaled_min_block(H * W) if min_block is None else min_block
+    max_block = num_masked if max_block is None else max_block
+    max_aspect = max_aspect or 1 / min_aspect
+    log_lo, log_hi = math.log(min_aspect), math.log(max_aspect)
+    gen_device = generator.device if generator is not None else torch.device(device)
+    rows = torch.arange(H, device=gen_device).view(1, H, 1)
+    cols = torch.arange(W, device=gen_device).view(1, 1, W)
+    mask = torch.zeros(batch, H, W, dtype=torch.bool, device=gen_device)
+    count = torch.zeros(batch, dtype=torch.long, device=gen_device)
+    blocks = []
+    for _ in range(MAX_ROUNDS):
+        remaining = num_masked - count  # (B,)
+        if not bool((remaining > 0).any()):
+            break
+        u = torch.rand(batch, 5, generator=generator, device=gen_device, dtype=torch.float64)
+        cap = remaining.clamp(max=max_block).double()
+        area = min_block + (cap - min_block) * u[:, 0]  # random.uniform(a, b) also allows b < a
+        aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+        h = torch.round(torch.sqrt(area * aspect)).long()
+        w = torch.round(torch.sqrt(area / aspect)).long()
+        ok = (h >= 1) & (w >= 1) & (h < H) & (w < W)
+        ok &= (h >= min_aspect * w) & (h <= max_aspect * w)
+        h, w = h.clamp(1, H - 1), w.clamp(1, W - 1)
+        top = (u[:, 2] * (H - h + 1)).long()  # uniform in [0, H - h]
+        left = (u[:, 3] * (W - w + 1)).long()
+        rect = ((rows >= top.view(-1, 1, 1)) & (rows < (top + h).view(-1, 1, 1))
+                & (cols >= left.view(-1, 1, 1)) & (cols < (left + w).view(-1, 1, 1)))  # (B, H, W)
+        new = (rect & ~mask).flatten(1).sum(1)
+        ok &= (remaining > 0) & (new > 0) & (new <= remaining.clamp(max=max_block))
+        mask |= rect & ok.view(-1, 1, 1)
+        count += new * ok
+        if return_blocks:
+            blocks.append(torch.stack([torch.arange(batch, device=gen_device), top, left, h, w], 1)[ok])
+    mask = mask.flatten(1)
+    short = num_masked - count
+    if bool((short > 0).any()):  # fill the last few patches at random
+        noise = torch.rand(batch, H * W, generator=generator, device=gen_device).masked_fill(mask, 2.0)
+        rank = noise.argsort(1).argsort(1)
+        extra = rank < short.view(-1, 1)
+        mask |= extra
+        if return_blocks:
+            b, n = extra.nonzero(as_tuple=True)
+            one = torch.ones_like(b)
+            blocks.append(torch.stack([b, n // W, n % W, one, one], 1))
+    mask = mask.to(device)
+    if return_blocks:
+        return mask, (torch.cat(blocks) if blocks else torch.zeros(0, 5, dtype=torch.long)).to(device)
+    return mask
+
+
+def split_ids(mask: Tensor, num_masked: int) -> tuple[Tensor, Tensor]:
+    """Indices of the visible (B, K) and masked (B, M) patches of a (B, N) bool mask with `num_masked`
+    True per row, each in grid order (a stable sort puts the visible ones first), as the official CAE
+    code gathers them with `x[~bool_masked_pos]` and `x[bool_masked_pos]`."""
+    ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # (B, N): [visible, masked]
+    keep = mask.shape[1] - num_masked
+    return ids_shuffle[:, :keep], ids_shuffle[:, keep:]
+
+
+def ids_from_mask(mask: Tensor, num_masked: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`(ids_keep, ids_restore, mask)` for a (B, N) bool mask with `num_masked` True per row."""
+    ids_keep, ids_masked = split_ids(mask, num_masked)
+    ids_restore = torch.argsort(torch.cat([ids_keep, ids_masked], dim=1), dim=1)
+    return ids_keep, ids_restore, mask
+
+
+def block_masking(batch: int, num_patches: int, mask_ratio: float, *, min_block: int | None = None,
+                  min_aspect: float = 0.3, generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+    """Block-wise masking with the same contract and count as `random_masking`: N - int(N * (1 - ratio))
+    patches hidden per image (98 of 196 at ratio 0.5, CAE's setting)."""
+    num_masked = num_patches - num_kept(num_patches, mask_ratio)
+    mask = block_mask(batch, _grid_side(num_patches), num_masked, min_block=min_block, min_aspect=min_aspect,
+                      generator=generator, device=device)
+    return ids_from_mask(mask, num_masked)
+
+
+def make_mask(mask_type: str, batch: int, num_patches: int, mask_ratio: float, *, noise: Tensor | None = None,
+              generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+              min_block: int | None = None, min_aspect: float = 0.3) -> tuple[Tensor, Tensor, Tensor]:
+    """The masking a config names: `random` (MAE; `noise` may fix it) or `block` (BEiT / CAE)."""
+    if mask_type == "random":
+        return random_masking(batch, num_patches, mask_ratio, noise=noise, generator=generator, device=device)
+    if mask_type == "block":
+        if noise is not None:
+            raise ValueError("noise fixes random masks only; block masks are drawn from a generator")
+        return block_masking(batch, num_patches, mask_ratio, min_block=min_block, min_aspect=min_aspect,
+                             generator=generator, device=device)
+    raise ValueError(f"mask_type must be one of {', '.join(MASK_TYPES)}, got {mask_type!r}")

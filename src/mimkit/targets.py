@@ -1,4 +1,5 @@
-"""What a masked image model predicts for each patch.
+"""What a masked image model predicts for each patch: pixels, per-patch normalised pixels, or the
+discrete code of a frozen tokenizer (BEiT / CAE; see `mimkit.tokenizers`).
 
 Patch vectors are laid out (p, q, c), channels last, as in MAE's `patchify`, so that official
 decoder heads and transformers' ViTMAE predictions line up value for value.
@@ -6,7 +7,12 @@ decoder heads and transformers' ViTMAE predictions line up value for value.
 
 from __future__ import annotations
 
-from torch import Tensor
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 NORM_PIX_EPS = 1e-6  # MAE: (x - mean) / sqrt(var + 1e-6)
 
@@ -53,3 +59,28 @@ def denormalize_patches(pred: Tensor, imgs: Tensor, p: int) -> Tensor:
     """
     mean, var = patch_stats(patchify(imgs, p))
     return pred * (var + NORM_PIX_EPS) ** 0.5 + mean
+
+
+def token_target(imgs: Tensor, tokenizer: nn.Module, grid: int, mean: Sequence[float], std: Sequence[float],
+                 ) -> Tensor:
+    """Codes (B, N) of a frozen tokenizer for normalised images (B, C, H, W), one per patch, row-major.
+
+    The images are un-normalised with `mean` / `std` back to [0, 1] and resized (bicubic, antialiased)
+    to `grid * tokenizer.downsample` pixels: 112 px for DALL-E on a 14 x 14 grid, as BEiT and CAE feed
+    their tokenizer a second, half-size view of the same crop. No gradient, float32 even under autocast.
+    """
+    m = torch.tensor(mean, device=imgs.device, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=imgs.device, dtype=torch.float32).view(1, -1, 1, 1)
+    size = grid * tokenizer.downsample
+    no_autocast = torch.autocast(imgs.device.type, enabled=False) if imgs.device.type in ("cpu", "cuda") \
+        else contextlib.nullcontext()
+    with torch.no_grad(), no_autocast:
+        pixels = (imgs.float() * s + m).clamp(0, 1)
+        if pixels.shape[-2:] != (size, size):
+            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True,
+                                   align_corners=False).clamp(0, 1)
+        codes = tokenizer(pixels)
+    if codes.shape != (imgs.shape[0], grid * grid):
+        expected = (imgs.shape[0], grid * grid)
+        raise ValueError(f"tokenizer returned codes of shape {tuple(codes.shape)}, expected {expected}")
+    return codes

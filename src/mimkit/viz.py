@@ -20,7 +20,10 @@ def reconstruction_grid(model: nn.Module, imgs: Tensor, mean, std, seed: int = 0
     """Picture grid (3, rows * S, 4 * S) in [0, 1] for normalised images (B, 3, H, W).
 
     Masks come from a generator seeded with `seed`, so successive checkpoints are shown with the
-    same masks. Norm-pix predictions are shown with each true patch's mean and variance.
+    same masks. Norm-pix predictions are shown with each true patch's mean and variance. A model that
+    predicts the masked patches only (CAE: `pred` is (B, M, P), in grid order) gets grey where it made
+    no prediction; one that predicts codes, not pixels (`cfg.target == "tokens"`), is shown with its
+    masks only: original | masked.
     """
     was_training = model.training
     model.eval()
@@ -28,24 +31,42 @@ def reconstruction_grid(model: nn.Module, imgs: Tensor, mean, std, seed: int = 0
     out = model(imgs, generator=torch.Generator().manual_seed(seed))
     model.train(was_training)
     p = model.patch_size
-    pred = out.pred.float()
-    if getattr(model.cfg, "norm_pix_loss", False):
-        pred = denormalize_patches(pred, imgs, p)
     mask = out.mask.unsqueeze(-1)  # (B, N, 1)
     patches = patchify(imgs, p)
-    recon = unpatchify(pred, p)
-    pasted = unpatchify(torch.where(mask, pred, patches), p)
     hidden = unpatchify(mask.expand_as(patches).float(), p) > 0  # (B, 3, H, W)
     m = torch.tensor(mean, device=imgs.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=imgs.device).view(1, 3, 1, 1)
-    orig, recon, pasted = ((x * s + m).clamp(0, 1) for x in (imgs, recon, pasted))
-    cells = [orig, torch.where(hidden, 0.5, orig), recon, pasted]  # grey = hidden from the encoder
+    orig = (imgs * s + m).clamp(0, 1)
+    cells = [orig, torch.where(hidden, 0.5, orig)]  # grey = hidden from the encoder
+    if getattr(model.cfg, "target", "pixels") != "tokens":
+        pred, predicted = full_prediction(out.pred.float(), out.mask, patches)
+        if getattr(model.cfg, "norm_pix_loss", False):
+            pred = denormalize_patches(pred, imgs, p)
+        recon = unpatchify(pred, p)
+        pasted = unpatchify(torch.where(mask, pred, patches), p)
+        recon, pasted = ((x * s + m).clamp(0, 1) for x in (recon, pasted))
+        shown = unpatchify(predicted.unsqueeze(-1).expand_as(patches).float(), p) > 0
+        cells += [torch.where(shown, recon, 0.5), pasted]
     size = imgs.shape[-1]
     if size < MIN_CELL:
         scale = -(-MIN_CELL // size)
         cells = [F.interpolate(c, scale_factor=scale, mode="nearest") for c in cells]
     rows = torch.cat(cells, dim=3)  # (B, 3, S, 4S)
     return torch.cat(list(rows), dim=1).cpu()  # (3, B*S, 4S)
+
+
+def full_prediction(pred: Tensor, mask: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
+    """Predictions for every patch (B, N, P) and where they exist (B, N) bool.
+
+    `pred` is either (B, N, P), one prediction per patch (MAE), or (B, M, P) for the masked patches
+    only, in grid order (CAE); the missing ones are zeros.
+    """
+    B, N, P = patches.shape
+    if pred.shape[1] == N:
+        return pred, torch.ones(B, N, dtype=torch.bool, device=pred.device)
+    full = pred.new_zeros(B, N, P)
+    full[mask] = pred.reshape(-1, P)
+    return full, mask
 
 
 def save_png(grid: Tensor, path: str | Path) -> Path:
@@ -61,3 +82,41 @@ def save_png(grid: Tensor, path: str | Path) -> Path:
 
 def save_reconstruction(model: nn.Module, imgs: Tensor, path: str | Path, mean, std, seed: int = 0) -> Path:
     return save_png(reconstruction_grid(model, imgs, mean, std, seed), path)
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    """Curves of a run's metrics.jsonl -> run_dir/curves.png: loss, lr and every accuracy (`*top1`),
+    each against optimizer steps and against wall time (when logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; chosen here, not at import
+    import matplotlib.pyplot as plt
+
+    from mimkit.train.log import read_metrics
+
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics to plot")
+    records = read_metrics(path)
+    keys = ["loss", "lr"] + sorted({k for r in records for k in r if k.endswith("top1")})
+    keys = [k for k in keys if any(k in r for r in records)]
+    xs = [("step", "optimizer step")] + ([("time_s", "wall time (s)")] if any("time_s" in r for r in records) else [])
+    fig, axes = plt.subplots(len(keys), len(xs), figsize=(5 * len(xs), 2.6 * len(keys)), squeeze=False)
+    times = {r["step"]: r["time_s"] for r in records if "time_s" in r}
+    for row, key in enumerate(keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        for col, (x, label) in enumerate(xs):
+            ax = axes[row][col]
+            px = [s if x == "step" else times.get(s) for s, _ in points]
+            pts = [(a, b) for a, b in zip(px, (v for _, v in points)) if a is not None]
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o" if len(pts) < 30 else None, ms=3)
+            ax.set_xlabel(label)
+            ax.set_ylabel(key)
+            ax.grid(alpha=0.3)
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

@@ -8,11 +8,13 @@ import difflib
 from torch import nn
 
 from mimkit.config import Config, ConfigError, from_dict, to_dict
+from mimkit.models.cae import CAE, CAEConfig
+from mimkit.models.cae import PRESETS as CAE_PRESETS
 from mimkit.models.mae import MAE, MAEConfig
 from mimkit.models.mae import PRESETS as MAE_PRESETS
 
 # method -> (config class, model class, presets)
-METHODS = {"mae": (MAEConfig, MAE, MAE_PRESETS)}
+METHODS = {"mae": (MAEConfig, MAE, MAE_PRESETS), "cae": (CAEConfig, CAE, CAE_PRESETS)}
 
 
 def resolve_model_config(method: str, model: dict):

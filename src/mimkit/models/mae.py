@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mimkit.masking import gather_tokens, random_masking
+from mimkit.config import check_choice
+from mimkit.masking import MASK_TYPES, gather_tokens, make_mask
 from mimkit.models.vit import LN_EPS, VIT_SIZES, Block, VisionTransformer, init_weights, sincos_pos_embed_2d
 from mimkit.targets import pixel_target
 
@@ -46,6 +47,11 @@ class MAEConfig:
     """Fraction of patches hidden from the encoder (MAE: 0.75)."""
     norm_pix_loss: bool = False
     """Predict per-patch normalised pixels (MAE's best setting for fine-tuning and linear probing)."""
+    mask_type: str = "random"
+    """`random` (MAE: uniform per image) or `block` (BEiT / CAE rectangles; MAE's ablation: worse for MAE)."""
+
+    def __post_init__(self) -> None:
+        check_choice("model.mask_type", self.mask_type, MASK_TYPES)
 
 
 def _preset(size: str, patch: int, img: int = 224, decoder: tuple[int, int, int] = (512, 8, 16)) -> dict:
@@ -131,9 +137,9 @@ class MAE(VisionTransformer):
     def forward(self, imgs: Tensor, noise: Tensor | None = None,
                 generator: torch.Generator | None = None) -> MAEOutput:
         """Mask, encode, decode, score. `noise` (B, N) fixes the mask; else it is drawn from `generator`."""
-        ids_keep, ids_restore, mask = random_masking(imgs.shape[0], self.patch_embed.num_patches,
-                                                     self.cfg.mask_ratio, noise=noise, generator=generator,
-                                                     device=imgs.device)
+        ids_keep, ids_restore, mask = make_mask(self.cfg.mask_type, imgs.shape[0], self.patch_embed.num_patches,
+                                                self.cfg.mask_ratio, noise=noise, generator=generator,
+                                                device=imgs.device)
         latent = self.forward_encoder(imgs, ids_keep)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)

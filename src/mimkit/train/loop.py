@@ -60,8 +60,9 @@ class StepInfo:
 Hook = Callable[[StepInfo], "dict | None"]
 """Called after every optimizer step; may return metrics to log at that step (e.g. an online kNN monitor)."""
 
-LossFn = Callable[[nn.Module, dict, torch.Generator], torch.Tensor]
-"""(model, batch from the loader, generator) -> scalar loss: augmentation and forward of one task."""
+LossFn = Callable[[nn.Module, dict, torch.Generator], "tuple[torch.Tensor, dict]"]
+"""(model, batch from the loader, generator) -> (scalar loss, {name: scalar tensor} to log, e.g. the
+parts of a composite loss): augmentation and forward of one task."""
 
 
 def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optimizer, t: TrainConfig, *,
@@ -127,6 +128,7 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
     bar = progress(last_step, step, main, desc=kind)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # step of the first non-finite loss
     loss_sum = torch.zeros((), device=device)
+    extra_sums: dict[str, torch.Tensor] = {}
     images, logged_steps, last_loss, ckpt_path = 0, 0, float("nan"), None
     timer = started = time.perf_counter()
     model.train()
@@ -144,9 +146,12 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
                     continue
                 images += batch["images"].shape[0]
                 with _autocast(device, t.precision):
-                    loss = loss_fn(model, batch, generator) / t.accum_steps
+                    loss, extra = loss_fn(model, batch, generator)
+                    loss = loss / t.accum_steps
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
                 loss_sum += loss.detach().float()
+                for key, value in extra.items():  # device tensors: summed here, synced at log steps
+                    extra_sums[key] = extra_sums.get(key, 0.0) + value.detach().float() / t.accum_steps
                 scaler.scale(loss).backward()
             if t.clip_grad:
                 scaler.unscale_(optimizer)
@@ -159,6 +164,9 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
             bar.update(1)
 
             end_of_epoch = step % steps_per_epoch == 0
+            if t.max_minutes and time.perf_counter() - started >= 60 * t.max_minutes:
+                log.info("train.max_minutes=%g reached at step %d", t.max_minutes, step)
+                last_step = step
             due_ckpt = end_of_epoch or step == last_step or (t.ckpt_every and step % t.ckpt_every == 0)
             record = {}
             if step % t.log_every == 0 or due_ckpt:
@@ -171,8 +179,10 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
                 record = {"step": step, "epoch": step / steps_per_epoch, "loss": last_loss, "lr": lr,
                           "images_per_s": images / (now - timer), "skipped": len(skipped),
                           "time_s": now - started}
+                record.update({k: v.item() / logged_steps for k, v in extra_sums.items()})
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.0f}")
                 loss_sum.zero_()
+                extra_sums.clear()
                 images, logged_steps, timer = 0, 0, now
             info = StepInfo(step, epoch, steps_per_epoch, end_of_epoch, model)
             for hook in hooks:
@@ -209,9 +219,9 @@ def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = ()) -> 
                               std=d.std)
     optimizer = build_adamw(model, t.blr, t.weight_decay, t.betas)
 
-    def loss_fn(module: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        imgs = augment(batch["images"].to(device, non_blocking=True), generator)
-        return module(imgs, generator=generator).loss
+    def loss_fn(module: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        out = module(augment(batch["images"].to(device, non_blocking=True), generator), generator=generator)
+        return out.loss, out.logs
 
     vis_batch = _picture_batch(dataset, t.vis_images, model_cfg.img_size, d)
 

@@ -1,0 +1,1 @@
+"""Evaluation: frozen features and the papers' protocols (k-NN, linear, attentive probing, fine-tuning)."""

@@ -1,0 +1,206 @@
+"""Evaluation entry point: load the encoder and the labelled data once, run one protocol, return metrics.
+
+Every protocol scores `cfg.val_split` with top-1 / top-5 accuracy. The supervised ones (linear
+probe, attentive probe, fine-tuning) train through the shared loop (`mimkit.train.loop.fit`), so
+they get the same logging, AMP, checkpoints and exact resume as pretraining, plus a validation at
+the end of every epoch that keeps the best checkpoint beside the latest ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mimkit.config import EvalConfig, to_dict
+from mimkit.convert import load
+from mimkit.data import EvalTransform, PretrainAugment, build_dataset, make_loader
+from mimkit.eval.features import FeatureSet, extract, features
+from mimkit.models.vit import VisionTransformer, resample_pos_embed
+from mimkit.train.dist import pick_device
+from mimkit.train.loop import StepInfo, fit
+
+log = logging.getLogger("mimkit")
+
+
+@dataclass
+class Context:
+    """What every protocol starts from."""
+
+    cfg: EvalConfig
+    encoder: VisionTransformer
+    """The pretrained encoder alone (no decoder), at the evaluation resolution, on the device."""
+    train_set: object
+    val_set: object
+    num_classes: int
+    transform: EvalTransform
+    """uint8 (B, 3, S, S) -> normalised (B, 3, img_size, img_size): resize + center crop."""
+    device: torch.device
+
+
+def vit_from(model: nn.Module, img_size: int | None = None, **changes) -> VisionTransformer:
+    """A `VisionTransformer` with the encoder weights of `model` (an MAE/CAE model or a ViT).
+
+    `changes` override constructor arguments (num_classes, global_pool, drop_path_rate). Position
+    embeddings are resampled (bicubic) when `img_size` changes the patch grid; with global_pool
+    "avg" the pretrained final `norm` is dropped and a fresh `fc_norm` is used (MAE fine-tuning)."""
+    arch = {**model.arch, **changes, "img_size": img_size or model.img_size}
+    vit = VisionTransformer(**arch)
+    source = model.encoder_state_dict() if hasattr(model, "encoder_state_dict") else model.state_dict()
+    own = vit.state_dict()
+    state = {k: v for k, v in source.items() if k in own and not k.startswith(("head.", "fc_norm."))}
+    state["pos_embed"] = resample_pos_embed(source["pos_embed"], vit.patch_embed.grid_size)
+    missing = vit.load_state_dict(state, strict=False).missing_keys
+    unexpected_missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+    if unexpected_missing:
+        raise ValueError(f"the checkpoint's encoder lacks {', '.join(unexpected_missing)}")
+    return vit
+
+
+def _decoded_size(dataset) -> int:
+    """Side of the images a dataset yields (its workers already resized them)."""
+    return next(s.image.shape[-1] for s in (dataset[i] for i in range(len(dataset))) if s.image is not None)
+
+
+def build_context(cfg: EvalConfig) -> Context:
+    if not cfg.checkpoint:
+        raise FileNotFoundError("no checkpoint given: mimkit eval PROTOCOL CHECKPOINT --data ...")
+    device = pick_device(cfg.train.device)
+    model = load(cfg.checkpoint)
+    encoder = vit_from(model, cfg.img_size or None).to(device).eval()
+    d = cfg.data
+    common = dict(img_size=encoder.img_size, load_size=d.load_size, strict=d.strict, cache_dir=d.cache_dir)
+    train_set = build_dataset(d.dataset, d.root, d.split, limit=d.limit, **common)
+    val_set = build_dataset(d.dataset, d.root, cfg.val_split, limit=0, **common)
+    num_classes = len(train_set.classes)
+    crop_pct = cfg.crop_pct or encoder.img_size / _decoded_size(val_set)
+    transform = EvalTransform(encoder.img_size, crop_pct=crop_pct, mean=d.mean, std=d.std)
+    return Context(cfg, encoder, train_set, val_set, num_classes, transform, device)
+
+
+def accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracies in percent: {"top1": .., "top5": ..} (k capped at the number of classes)."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (M, kmax)
+    hit = top == labels.unsqueeze(1)
+    return {f"top{k}": 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def predict(forward: Callable[[Tensor], Tensor], dataset, transform, batch_size: int, device) -> dict[str, float]:
+    """Top-1/top-5 of `forward` (normalised images or features -> logits) on a dataset, in eval mode."""
+    loader = make_loader(dataset, batch_size, seed=0, shuffle=False, drop_last=False)
+    loader.sampler.set_epoch(0)
+    scores, labels = [], []
+    with torch.no_grad():
+        for batch in loader:
+            if batch["images"].shape[0]:
+                x = batch["images"].to(device)
+                scores.append(forward(transform(x) if transform else x).float().cpu())
+                labels.append(batch["labels"])
+    return accuracy(torch.cat(scores), torch.cat(labels))
+
+
+def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, train_set, val_forward, val_set,
+                     val_transform, kind: str, resume: str | None = None) -> dict:
+    """Fit `model` with the shared loop, validating after every epoch; keeps `best.pt` (the trainable
+    weights of the best epoch) beside the latest checkpoints. Returns last and best accuracies."""
+    cfg = ctx.cfg
+    out_dir = Path(cfg.out_dir)
+    best_path = out_dir / "best.pt"
+    best = {"top1": -1.0}
+    if resume is not None and best_path.exists():  # the best epoch of the run being resumed
+        best = torch.load(best_path, map_location="cpu", weights_only=False)["best"]
+
+    def validate(info: StepInfo) -> dict | None:
+        if not info.end_of_epoch:
+            return None
+        model.eval()
+        metrics = predict(val_forward, val_set, val_transform, cfg.train.batch_size, ctx.device)
+        model.train()
+        if metrics["top1"] > best["top1"]:
+            best.clear()
+            best.update(metrics, epoch=info.epoch + 1)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = best_path.with_suffix(".pt.tmp")
+            torch.save({"model": model.state_dict(), "best": dict(best), "config": to_dict(cfg)}, tmp)
+            os.replace(tmp, best_path)
+        return {f"val_{k}": v for k, v in metrics.items()}
+
+    summary = fit(model, loss_fn, train_set, optimizer, cfg.train, out_dir=out_dir, config=to_dict(cfg),
+                  kind=kind, strict=cfg.data.strict, num_workers=cfg.data.num_workers, resume=resume,
+                  hooks=[validate])
+    model.eval()
+    last = predict(val_forward, val_set, val_transform, cfg.train.batch_size, ctx.device)
+    return {**last, "best": best if best["top1"] >= 0 else dict(last), "steps": summary["step"]}
+
+
+def evaluate(cfg: EvalConfig, resume: str | None = None) -> dict:
+    """Run `cfg.protocol` on `cfg.checkpoint`; write results.json (metrics + resolved config) in out_dir."""
+    from mimkit.eval import attentive, finetune, knn, linear  # each protocol imports this module
+
+    run = {"knn": knn.run, "linprobe": linear.run, "attnprobe": attentive.run,
+           "finetune": finetune.run}[cfg.protocol]
+    ctx = build_context(cfg)
+    result = run(ctx, resume=resume)
+    result = {"protocol": cfg.protocol, "checkpoint": cfg.checkpoint, **result, "config": to_dict(cfg)}
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    log.info("%s: top1 %.2f top5 %.2f", cfg.protocol, result["top1"], result["top5"])
+    return result
+
+
+def features_of(ctx: Context, pool: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Frozen features of the training and validation sets (the slow part of kNN and cached probes)."""
+    n = ctx.cfg.data.num_workers
+    bs = max(ctx.cfg.train.batch_size, 256)
+    train = extract(ctx.encoder, ctx.train_set, ctx.transform, pool, bs, n)
+    val = extract(ctx.encoder, ctx.val_set, ctx.transform, pool, bs, n)
+    return (*train, *val)
+
+
+
+class FrozenProbe(nn.Module):
+    """A trainable head on a frozen encoder's features; only the head is saved and trained."""
+
+    def __init__(self, encoder: VisionTransformer, head: nn.Module, pool: str):
+        super().__init__()
+        self.head, self.pool = head, pool
+        self.encoder = [encoder]  # a list keeps it out of parameters() and state_dict()
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        return self.head(features(self.encoder[0], imgs, self.pool))
+
+
+def probe(ctx: Context, head: nn.Module, pool: str, optimizer: torch.optim.Optimizer, kind: str,
+          resume: str | None = None) -> dict:
+    """Train `head` on frozen features (`pool`) with cross-entropy. With `probe.augment` images go through
+    RandomResizedCrop + flip and the frozen encoder at every step (the papers' protocol); without, the
+    features are computed once and the head trains on them."""
+    cfg = ctx.cfg
+    head.to(ctx.device)
+    if cfg.probe.augment:
+        d = cfg.data
+        augment = PretrainAugment(ctx.encoder.img_size, scale=d.scale, ratio=d.ratio, hflip=d.hflip, mean=d.mean,
+                                  std=d.std)
+        model = FrozenProbe(ctx.encoder, head, pool)
+
+        def loss_fn(module, batch, generator):
+            logits = module(augment(batch["images"].to(ctx.device), generator))
+            return F.cross_entropy(logits, batch["labels"].to(ctx.device)), {}
+
+        return train_classifier(ctx, model, loss_fn, optimizer, ctx.train_set, model, ctx.val_set, ctx.transform,
+                                kind, resume)
+    feats, labels, val_feats, val_labels = features_of(ctx, pool)
+
+    def loss_fn(module, batch, generator):
+        return F.cross_entropy(module(batch["images"].to(ctx.device)), batch["labels"].to(ctx.device)), {}
+
+    return train_classifier(ctx, head, loss_fn, optimizer, FeatureSet(feats, labels), head,
+                            FeatureSet(val_feats, val_labels), None, kind, resume)

@@ -1,0 +1,139 @@
+"""Weights out: write a mimkit model for timm, the official MAE code, transformers, or as safetensors.
+
+Targets (`export(model, out, to)`, `mimkit export CKPT --to ...`):
+  timm         the encoder as a timm `VisionTransformer` state dict (`.pth`, or `.safetensors` by
+               suffix): `pos_embed` (1, 1 + N, D) with the cls row first; `head.*` only when the
+               model has a classifier, `fc_norm.*` instead of `norm.*` when it pools by averaging.
+               A decoder is never included (timm's ViT has none).
+  official     `{"model": state dict, "method", "config"}` saved with torch.save: the layout of the
+               official MAE checkpoints (`checkpoint["model"]` loads into `models_mae` or
+               `models_vit` with strict=True), decoder included; the extra entries let `mimkit.load`
+               rebuild the model from the file alone.
+  hf           a Hugging Face directory (config.json + model.safetensors) that `from_pretrained`
+               loads: ViTMAEForPreTraining when there is a decoder, ViTForImageClassification for a
+               classifier, ViTModel otherwise (load it with `add_pooling_layer=False`: mimkit has no
+               pooler). Weights use the 4.x hub names, which transformers 4 and 5 both read;
+               layer_norm_eps is 1e-6, as MAE and ViT were trained. transformers' ViT cannot express
+               average pooling (`fc_norm`) or LayerScale: those models raise; use another target.
+  safetensors  every weight, plus a JSON header entry `mimkit` = {"method", "model", "version"}
+               (method and model config) from which `mimkit.load` rebuilds the model.
+`img_size` resamples the position embeddings (bicubic) first; `encoder_only` drops a decoder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mimkit.convert import (
+    WeightsError,
+    architecture_of,
+    encoder_of,
+    hf_config_from_mae,
+    hf_config_from_vit,
+    mae_to_hf,
+    with_img_size,
+)
+
+TARGETS = ("timm", "official", "hf", "safetensors")
+
+
+def _version() -> str:
+    from mimkit import __version__
+
+    return __version__
+
+
+def _header(method: str, cfg: dict) -> dict[str, str]:
+    return {"format": "pt", "mimkit": json.dumps({"method": method, "model": cfg, "version": _version()})}
+
+
+def _save_safetensors(state: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors stores each tensor once: make every one contiguous and unshared.
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path), metadata=metadata)
+
+
+def timm_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The encoder's weights under timm's `VisionTransformer` names (see the module docstring)."""
+    return encoder_of(model).state_dict()
+
+
+def save_timm(model: nn.Module, path: str | Path) -> Path:
+    """timm state dict: torch.save of the bare dict, or safetensors (with the `mimkit` header) by suffix."""
+    path = Path(path)
+    encoder = encoder_of(model)
+    if path.suffix == ".safetensors":
+        _save_safetensors(encoder.state_dict(), path, _header(*architecture_of(encoder)))
+    else:
+        torch.save(encoder.state_dict(), path)
+    return path
+
+
+def save_official(model: nn.Module, path: str | Path) -> Path:
+    """Official MAE layout `{"model": state}` plus `method` and `config` (see the module docstring)."""
+    method, cfg = architecture_of(model)
+    path = Path(path)
+    torch.save({"model": model.state_dict(), "method": method, "config": {"model": cfg}, "version": _version()},
+               path)
+    return path
+
+
+def save_safetensors(model: nn.Module, path: str | Path) -> Path:
+    """All weights as safetensors, with the architecture in the header's `mimkit` entry."""
+    path = Path(path)
+    _save_safetensors(model.state_dict(), path, _header(*architecture_of(model)))
+    return path
+
+
+def save_hf(model: nn.Module, directory: str | Path) -> Path:
+    """A Hugging Face model directory: config.json + model.safetensors (see the module docstring)."""
+    method, cfg = architecture_of(model)
+    if method not in ("mae", "vit"):  # other methods (CAE) go to transformers as their encoder
+        model = encoder_of(model)
+        method, cfg = architecture_of(model)
+    if method == "mae":
+        arch, prefix = "ViTMAEForPreTraining", "vit."
+        config = {"model_type": "vit_mae", **hf_config_from_mae(model.cfg)}
+    else:
+        if cfg["global_pool"] != "token":
+            raise WeightsError("this model pools by averaging the patch tokens through fc_norm (MAE fine-tuning); "
+                               "transformers' ViTModel / ViTForImageClassification only use the cls token after "
+                               "the final norm, so it cannot be exported to Hugging Face exactly. Export it with "
+                               "--to timm, official or safetensors.")
+        if cfg["init_values"]:
+            raise WeightsError("this model uses LayerScale (ls1/ls2), which transformers' ViT does not have; "
+                               "export it with --to timm, official or safetensors.")
+        arch, prefix = ("ViTForImageClassification", "vit.") if cfg["num_classes"] else ("ViTModel", "")
+        config = {"model_type": "vit", **hf_config_from_vit(cfg)}
+    config = {"architectures": [arch], **config, "dtype": str(model.cls_token.dtype).removeprefix("torch.")}
+    state = mae_to_hf(model.state_dict(), prefix=prefix, legacy=True)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _save_safetensors(state, directory / "model.safetensors", {"format": "pt"})
+    return directory
+
+
+WRITERS = {"timm": save_timm, "official": save_official, "hf": save_hf, "safetensors": save_safetensors}
+
+
+def export(model: nn.Module, out: str | Path, to: str, img_size: int | None = None,
+           encoder_only: bool = False) -> Path:
+    """Write `model` to `out` as `to` (one of `TARGETS`); returns the path written.
+
+    `img_size` resamples the position embeddings (bicubic) to that resolution first;
+    `encoder_only` drops the decoder (for `official`, `hf` and `safetensors`; `timm` always does).
+    """
+    if to not in WRITERS:
+        raise WeightsError(f"unknown export target {to!r} (known: {', '.join(TARGETS)})")
+    if img_size is not None:
+        model = with_img_size(model, img_size)
+    if encoder_only:
+        model = encoder_of(model)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return WRITERS[to](model, out)
