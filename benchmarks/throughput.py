@@ -5,16 +5,20 @@ One training step = forward (masking, encoder, decoder, loss) + backward + AdamW
 Both implementations are timed in the same process, interleaved round by round so that machine
 drift hits both alike; the reported figure is the median over rounds. Achieved GFLOP/s counts the
 matmul/conv/attention FLOPs of one step with `torch.utils.flop_counter` and is compared with a
-measured fp32 matmul peak on the same machine in the same run.
+measured fp32 matmul peak on the same machine in the same run. `mimkit_compiled` is the same model
+with every block under `torch.compile` (what `train.compile=true` does); its compilation happens in
+the warm-up step, outside the timing, and is reported as `compile_s`.
 
     python benchmarks/throughput.py                      # every config
     python benchmarks/throughput.py --configs cifar_tiny --rounds 3
     python benchmarks/throughput.py --configs cae_cifar_tiny
+    python benchmarks/throughput.py --quick              # smoke test: tiny batch, one round, short peak
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -26,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mimkit.convert import hf_config_from_mae, mae_to_hf
 from mimkit.models import build_model
+from mimkit.train.loop import compile_blocks
 
 CONFIGS = {
     "cifar_tiny": dict(model=dict(preset="mae_vit_tiny_cifar_patch4"), batch=128),
@@ -74,10 +79,10 @@ def time_steps(step, n: int) -> float:
     return (time.perf_counter() - t) / n
 
 
-def run_config(name: str, rounds: int, steps: int) -> dict:
+def run_config(name: str, rounds: int, steps: int, batch: int | None = None, compiled: bool = True) -> dict:
     import transformers
 
-    spec = CONFIGS[name]
+    spec = dict(CONFIGS[name], batch=batch or CONFIGS[name]["batch"])
     torch.manual_seed(0)
     ours = build_model("mae", spec["model"]).train()
     hf_cfg = hf_config_from_mae(ours.cfg)
@@ -85,18 +90,27 @@ def run_config(name: str, rounds: int, steps: int) -> dict:
     imgs = torch.randn(spec["batch"], 3, ours.img_size, ours.img_size, generator=g)
     noise = torch.rand(spec["batch"], ours.patch_embed.num_patches, generator=g)
     contenders = {"mimkit": make_step(ours, imgs, noise, reference=False)}
+    if compiled:
+        twin = copy.deepcopy(ours)
+        compile_blocks(twin)
+        contenders["mimkit_compiled"] = make_step(twin, imgs, noise, reference=False)
     for attn in ("eager", "sdpa"):
         ref = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**hf_cfg, attn_implementation=attn))
         ref.load_state_dict(mae_to_hf(ours.state_dict()))
         contenders[f"transformers_{attn}"] = make_step(ref.train(), imgs, noise, reference=True)
     flops = step_flops(contenders["mimkit"])
-    for step in contenders.values():  # warm up allocators and kernels
+    warmup = {}
+    for k, step in contenders.items():  # warm up allocators and kernels (and compile)
+        t = time.perf_counter()
         step()
+        warmup[k] = time.perf_counter() - t
     times = {k: [] for k in contenders}
     for _ in range(rounds):
         for k, step in contenders.items():
             times[k].append(time_steps(step, steps))
     result = {"batch": spec["batch"], "flops_per_step": flops}
+    if compiled:
+        result["compile_s"] = warmup["mimkit_compiled"] - warmup["mimkit"]
     for k, ts in times.items():
         sec = statistics.median(ts)
         result[k] = {"images_per_s": spec["batch"] / sec, "gflops": flops / sec / 1e9, "step_s": ts}
@@ -138,10 +152,17 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median is reported)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per round")
-    parser.add_argument("--out", default="benchmarks/results/throughput.json")
+    parser.add_argument("--out", default=None, help="JSON report (default benchmarks/results/throughput[_quick].json)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of mimkit")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: cifar_tiny at batch 8, one round of one step, a 1-second peak")
     args = parser.parse_args()
+    batch = None
+    if args.quick:
+        args.configs, args.rounds, args.steps, batch = ["cifar_tiny"], 1, 1, 8
+    out = Path(args.out or f"benchmarks/results/throughput{'_quick' if args.quick else ''}.json")
 
-    peak = matmul_peak()
+    peak = matmul_peak(seconds=1.0 if args.quick else 3.0)
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "torch": torch.__version__, "matmul_peak_gflops": peak, "configs": {}}
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s ({report['machine']})")
@@ -153,14 +174,19 @@ def main() -> None:
             print(f"{name:<11} {'mimkit':<20} {x['images_per_s']:>9.1f} {x['gflops']:>8.1f} "
                   f"{100 * x['gflops'] / peak:>6.1f}% {'-':>11}")
             continue
-        r = run_config(name, args.rounds, args.steps)
+        r = run_config(name, args.rounds, args.steps, batch, compiled=not args.no_compile)
         report["configs"][name] = r
         best_ref = max(r["transformers_eager"]["images_per_s"], r["transformers_sdpa"]["images_per_s"])
-        for impl in ("mimkit", "transformers_eager", "transformers_sdpa"):
+        impls = ["mimkit", "transformers_eager", "transformers_sdpa"]
+        if not args.no_compile:
+            impls.insert(1, "mimkit_compiled")
+        for impl in impls:
             x = r[impl]
             print(f"{name:<11} {impl:<20} {x['images_per_s']:>9.1f} {x['gflops']:>8.1f} "
                   f"{100 * x['gflops'] / peak:>6.1f}% {x['images_per_s'] / best_ref:>10.2f}x")
-    out = Path(args.out)
+    for name, r in report["configs"].items():
+        if "compile_s" in r:
+            print(f"{name}: compiling the blocks took {r['compile_s']:.0f} s (first step, not timed)")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")

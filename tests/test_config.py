@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.config import Config, ConfigError, load_config
+import yaml
+
+from mimkit.config import Config, ConfigError, load_config, load_eval_config
 from mimkit.models import build_model, resolve_model_config, resolved_config
 
 CONFIGS = sorted(Path(__file__).parents[1].glob("configs/**/*.yaml"))
@@ -70,6 +72,13 @@ def test_missing_config_file(tmp_path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_recipe_builds(path):
+    if path.parent.name == "eval":
+        protocol = yaml.safe_load(path.read_text())["protocol"]
+        cfg = load_eval_config(protocol, path)
+        assert cfg.protocol == protocol and cfg.train.epochs >= 1
+        with pytest.raises(ConfigError, match=f"is a {protocol} recipe"):
+            load_eval_config("knn" if protocol != "knn" else "finetune", path)
+        return
     cfg = load_config(path)
     resolved = resolved_config(cfg)
     with torch.device("meta"):  # ViT-H has 630M parameters: build shapes only

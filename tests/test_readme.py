@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from mimkit.cli import config_reference
+from mimkit.config import EvalConfig
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
@@ -39,3 +40,7 @@ def test_config_reference_lists_every_key():
     table = README[README.index("| key | meaning |"):]
     missing = [key for key, _ in config_reference() if f"`{key}`" not in table]
     assert not missing, f"README config table lacks {missing}"
+    evaluation = README[README.index("## Evaluation"):]
+    missing = [key for key, _ in config_reference(EvalConfig) if not key.startswith(("data.", "train."))
+               and f"`{key}`" not in evaluation]
+    assert not missing, f"README evaluation table lacks {missing}"

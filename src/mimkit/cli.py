@@ -59,9 +59,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
         hooks.append(KNNMonitor.from_config(cfg))
     summary = pretrain(cfg, resume=args.resume, hooks=hooks)
-    plot_run(summary["out_dir"])
-    print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}, "
-          f"outputs in {summary['out_dir']}")
+    from mimkit.train.dist import is_main
+
+    if is_main():  # under torchrun every process gets here; one writes
+        plot_run(summary["out_dir"])
+        print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}, "
+              f"outputs in {summary['out_dir']}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -173,6 +176,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({args.to}): {describe(*architecture_of(model))}")
 
 
+def cmd_data_shard(args: argparse.Namespace) -> None:
+    from mimkit.data.shards import write_shards
+
+    index = write_shards(args.folder, args.out, shard_size=args.shard_size, seed=args.seed)
+    print(f"wrote {index['num_samples']} images of {len(index['classes'])} class(es) as {len(index['shards'])} "
+          f"shard(s) in {args.out} (index.json lists them); train with data.dataset=shards data.root={args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling pretraining of ViTs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path (supervised protocols)")
     p.add_argument("--help-config", action="store_true", help="list every evaluation config key")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="prepare data: `mimkit data shard FOLDER OUT` writes WebDataset tar shards")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("shard", help="write an image folder as WebDataset tar shards plus index.json",
+                            description="Write the images of FOLDER (class sub-folders, or images directly in it) as "
+                            "OUT/shard-000000.tar, ... (members NNNNNN.jpg/.png + NNNNNN.cls, the file bytes "
+                            "unchanged, in a shuffled order) and OUT/index.json (classes and sample counts).")
+    p.add_argument("folder", metavar="FOLDER", help="an image folder, e.g. /datasets/imagenet/train")
+    p.add_argument("out", metavar="OUT", help="output folder, e.g. /data/in1k-shards/train")
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="images per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order in which images are written")
+    p.set_defaults(func=cmd_data_shard)
 
     p = sub.add_parser("plot", help="draw loss, lr and accuracy curves of a run from its metrics.jsonl")
     p.add_argument("run_dir", help="a pretraining or evaluation output folder")

@@ -29,9 +29,11 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     dataset: str = "cifar10"
-    """`cifar10` or `folder` (class sub-folders of images; any image mode is converted to RGB)."""
+    """`cifar10`, `folder` (class sub-folders of images; any image mode is converted to RGB) or `shards`
+    (WebDataset tar shards written by `mimkit data shard`, streamed)."""
     root: str = "builtin"
-    """cifar10: `builtin` (the subset shipped with mimkit), `download`, a folder or a .tar.gz; folder: a directory."""
+    """cifar10: `builtin` (the subset shipped with mimkit), `download`, a folder or a .tar.gz; folder: a directory;
+    shards: their folder, or a brace/glob pattern such as `/disk{1,2}/in1k/shard-{000000..000127}.tar`."""
     split: str = "train"
     """`train` or `test`; a folder dataset uses `root/split` when it exists, else `root`."""
     load_size: int = 0
@@ -54,9 +56,13 @@ class DataConfig:
     """Where downloads, extracted archives and decoded CIFAR arrays are kept."""
     limit: int = 0
     """Use only N samples spread evenly over the dataset (0 = all), for quick runs."""
+    shuffle_buffer: int = 1000
+    """Shards: samples read into memory and shuffled together (after the shard order is shuffled per epoch)."""
 
     def __post_init__(self) -> None:
-        check_choice("data.dataset", self.dataset, ("cifar10", "folder"))
+        check_choice("data.dataset", self.dataset, ("cifar10", "folder", "shards"))
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer: must be >= 1, got {self.shuffle_buffer!r}")
         check_choice("data.split", self.split, ("train", "test"))
         check_range("data.scale", self.scale, 0.0, 1.0)
         check_nonneg("data.limit", self.limit)
@@ -104,9 +110,20 @@ class TrainConfig:
     """How many checkpoints to keep."""
     vis_images: int = 4
     """Images in the reconstruction picture written at each checkpoint (0 = none)."""
+    strategy: str = "ddp"
+    """With several processes (torchrun): `ddp` (a full copy per process) or `fsdp` (FSDP2: weights, gradients
+    and optimizer state sharded per block; sharded checkpoints); ignored by a single process."""
+    compile: bool = False
+    """`torch.compile` each transformer block (the first steps are slow while it compiles)."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them: less memory, ~1/3 more compute."""
 
     def __post_init__(self) -> None:
         check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        check_choice("train.strategy", self.strategy, ("ddp", "fsdp"))
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            raise ConfigError("train.strategy=fsdp: use precision bf16 or fp32 (the fp16 gradient scaler does "
+                              "not handle sharded gradients)")
         for name in ("epochs", "batch_size", "accum_steps", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)!r}")
@@ -166,9 +183,12 @@ class ProbeConfig:
     papers do; false trains on features computed once (much faster on a CPU)."""
     num_heads: int = 0
     """Attentive probe: heads of its cross-attention (0 = the encoder's)."""
+    optimizer: str = "lars"
+    """Probe optimizer: `lars` (MAE linear probing) or `sgd` with momentum 0.9 (CAE attentive probing)."""
 
     def __post_init__(self) -> None:
         check_choice("probe.pool", self.pool, ("cls", "mean"))
+        check_choice("probe.optimizer", self.optimizer, ("lars", "sgd"))
 
 
 @dataclass
@@ -256,8 +276,10 @@ def load_eval_config(protocol: str, path: str | Path | None = None, overrides: l
     recipe, then dotted overrides; validated."""
     if protocol not in PROTOCOL_DEFAULTS:
         raise ConfigError(f"protocol: {protocol!r} is not one of {', '.join(PROTOCOL_DEFAULTS)}")
-    data = _merge(PROTOCOL_DEFAULTS[protocol], base or {})
-    data = _merge(_merge(data, _read_yaml(path) if path is not None else {}), {"protocol": protocol})
+    recipe = _read_yaml(path) if path is not None else {}
+    if recipe.get("protocol", protocol) != protocol:
+        raise ConfigError(f"protocol: {path} is a {recipe['protocol']} recipe, not {protocol}")
+    data = _merge(_merge(_merge(PROTOCOL_DEFAULTS[protocol], base or {}), recipe), {"protocol": protocol})
     return from_dict(EvalConfig, apply_overrides(data, list(overrides)))
 
 

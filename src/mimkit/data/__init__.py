@@ -14,7 +14,8 @@ from mimkit.data.datasets import (
     spread,
     verify_checksum,
 )
-from mimkit.data.loader import ResumableSampler, check_skipped, collate, make_loader
+from mimkit.data.loader import ResumableSampler, check_skipped, collate, make_loader, set_epoch
+from mimkit.data.shards import ShardDataset, write_shards
 from mimkit.data.transforms import EvalTransform, PretrainAugment, normalize
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "PretrainAugment",
     "ResumableSampler",
     "Sample",
+    "ShardDataset",
     "build_dataset",
     "check_skipped",
     "collate",
@@ -35,6 +37,8 @@ __all__ = [
     "load_cifar10",
     "make_loader",
     "normalize",
+    "set_epoch",
     "spread",
     "verify_checksum",
+    "write_shards",
 ]

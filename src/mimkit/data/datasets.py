@@ -443,18 +443,25 @@ def download_cifar10(cache_dir: str = "~/.cache/mimkit", url: str = CIFAR10_URL)
 
 def build_dataset(
     dataset: str, root: str, split: str, img_size: int, *, load_size: int = 0, strict: bool = False,
-    cache_dir: str | None = "~/.cache/mimkit", limit: int = 0,
+    cache_dir: str | None = "~/.cache/mimkit", limit: int = 0, shuffle_buffer: int = 1000,
 ) -> ImageFolder | CIFAR10:
     """The dataset a DataConfig describes.
 
     "cifar10": see load_cifar10 (images stay 32x32; the augmentation resizes to img_size).
     "folder": ImageFolder over root/split if that folder exists, else root, decoding to
     load_size (0: round(img_size * 256 / 224), MAE's resize-then-crop ratio).
+    "shards": a ShardDataset stream (mimkit.data.shards) over root/split if that folder exists, else
+    root (a shard folder or a brace/glob pattern), decoding like "folder".
     """
     if dataset == "cifar10":
         return load_cifar10(root, split, cache_dir=cache_dir, strict=strict, limit=limit)
-    if dataset == "folder":
+    if dataset in ("folder", "shards"):
         sub = os.path.join(os.path.expanduser(root), split)
         load_size = load_size or round(img_size * 256 / 224)
-        return ImageFolder(sub if os.path.isdir(sub) else root, load_size, limit)
-    raise ValueError(f"unknown dataset {dataset!r}; expected 'cifar10' or 'folder'")
+        root = sub if os.path.isdir(sub) else root
+        if dataset == "folder":
+            return ImageFolder(root, load_size, limit)
+        from mimkit.data.shards import ShardDataset  # shards.py imports this module
+
+        return ShardDataset(root, load_size, shuffle_buffer, limit)
+    raise ValueError(f"unknown dataset {dataset!r}; expected 'cifar10', 'folder' or 'shards'")

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from mimkit.data.datasets import BadImageError, Sample
 
@@ -91,9 +91,15 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader over this rank's share, yielding `collate` dicts.
 
-    Call `loader.sampler.set_epoch(epoch, start)` before iterating each epoch; it works with the
-    persistent workers too, as the sampler runs in the main process.
+    Call `set_epoch(loader, epoch, start)` before iterating each epoch. For a map-style dataset it sets
+    the sampler, which runs in the main process, so workers persist across epochs. A stream
+    (`ShardDataset`, an IterableDataset) splits itself over ranks and workers (`dataset.split`); its
+    workers start afresh each epoch, so that they see the epoch.
     """
+    if isinstance(dataset, IterableDataset):
+        view = dataset.split(rank, world_size, batch_size if drop_last else 0, seed, shuffle)
+        return DataLoader(view, batch_size=batch_size, drop_last=drop_last, collate_fn=collate,
+                          num_workers=num_workers, pin_memory=pin_memory)
     sampler = ResumableSampler(len(dataset), seed, shuffle, rank, world_size, drop_last)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate,
@@ -102,3 +108,10 @@ def make_loader(
         # the global torch RNG (and so from shifting model init or masking between runs).
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def set_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
+    """Select the epoch of a `make_loader` loader and skip the first `start` samples of this rank's
+    share (e.g. steps done this epoch x accumulation x batch size, when resuming)."""
+    target = loader.dataset if isinstance(loader.dataset, IterableDataset) else loader.sampler
+    target.set_epoch(epoch, start)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimkit.eval.linear import LARS, linear_head
+from mimkit.eval.linear import linear_head, probe_optimizer
 from mimkit.eval.run import Context, probe
 from mimkit.models.vit import LN_EPS
 
@@ -42,5 +42,5 @@ def run(ctx: Context, resume: str | None = None) -> dict:
     torch.manual_seed(ctx.cfg.train.seed)
     heads = ctx.cfg.probe.num_heads or ctx.encoder.num_heads
     head = AttentiveHead(ctx.encoder.embed_dim, ctx.num_classes, heads)
-    optimizer = LARS(head.parameters(), weight_decay=ctx.cfg.train.weight_decay)
+    optimizer = probe_optimizer(head.parameters(), ctx.cfg)
     return probe(ctx, head, "tokens", optimizer, "attnprobe", resume)

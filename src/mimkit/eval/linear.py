@@ -48,8 +48,17 @@ def linear_head(dim: int, num_classes: int) -> nn.Sequential:
     return head
 
 
-def run(ctx: Context, resume: str | None = None) -> dict:
+def probe_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """`probe.optimizer`: LARS (MAE) or SGD with momentum 0.9 (CAE's attentive probing); lr is set per step."""
+    if cfg.probe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=cfg.train.weight_decay)
+    return LARS(params, weight_decay=cfg.train.weight_decay)
+
+
+def run(ctx: Context, resume: str | None = None, cached=None) -> dict:
+    """Linear probe of `ctx.encoder`; `cached` = `features_of(ctx, pool)` skips recomputing features."""
     torch.manual_seed(ctx.cfg.train.seed)
     head = linear_head(ctx.encoder.embed_dim, ctx.num_classes)
-    optimizer = LARS(head.parameters(), weight_decay=ctx.cfg.train.weight_decay)
-    return {**probe(ctx, head, ctx.cfg.probe.pool, optimizer, "linprobe", resume), "pool": ctx.cfg.probe.pool}
+    optimizer = probe_optimizer(head.parameters(), ctx.cfg)
+    result = probe(ctx, head, ctx.cfg.probe.pool, optimizer, "linprobe", resume, cached)
+    return {**result, "pool": ctx.cfg.probe.pool}

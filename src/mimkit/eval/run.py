@@ -69,11 +69,12 @@ def _decoded_size(dataset) -> int:
     return next(s.image.shape[-1] for s in (dataset[i] for i in range(len(dataset))) if s.image is not None)
 
 
-def build_context(cfg: EvalConfig) -> Context:
-    if not cfg.checkpoint:
+def build_context(cfg: EvalConfig, model: nn.Module | None = None) -> Context:
+    """Encoder (from `cfg.checkpoint`, or the given `model`) and labelled data for a protocol."""
+    if model is None and not cfg.checkpoint:
         raise FileNotFoundError("no checkpoint given: mimkit eval PROTOCOL CHECKPOINT --data ...")
     device = pick_device(cfg.train.device)
-    model = load(cfg.checkpoint)
+    model = model if model is not None else load(cfg.checkpoint)
     encoder = vit_from(model, cfg.img_size or None).to(device).eval()
     d = cfg.data
     common = dict(img_size=encoder.img_size, load_size=d.load_size, strict=d.strict, cache_dir=d.cache_dir)
@@ -179,10 +180,10 @@ class FrozenProbe(nn.Module):
 
 
 def probe(ctx: Context, head: nn.Module, pool: str, optimizer: torch.optim.Optimizer, kind: str,
-          resume: str | None = None) -> dict:
+          resume: str | None = None, cached: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> dict:
     """Train `head` on frozen features (`pool`) with cross-entropy. With `probe.augment` images go through
     RandomResizedCrop + flip and the frozen encoder at every step (the papers' protocol); without, the
-    features are computed once and the head trains on them."""
+    features are computed once (or taken from `cached`: `features_of(ctx, pool)`) and the head trains on them."""
     cfg = ctx.cfg
     head.to(ctx.device)
     if cfg.probe.augment:
@@ -197,7 +198,7 @@ def probe(ctx: Context, head: nn.Module, pool: str, optimizer: torch.optim.Optim
 
         return train_classifier(ctx, model, loss_fn, optimizer, ctx.train_set, model, ctx.val_set, ctx.transform,
                                 kind, resume)
-    feats, labels, val_feats, val_labels = features_of(ctx, pool)
+    feats, labels, val_feats, val_labels = cached if cached is not None else features_of(ctx, pool)
 
     def loss_fn(module, batch, generator):
         return F.cross_entropy(module(batch["images"].to(ctx.device)), batch["labels"].to(ctx.device)), {}

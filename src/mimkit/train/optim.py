@@ -29,11 +29,12 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                layer_decay: float = 1.0) -> torch.optim.AdamW:
+                layer_decay: float = 1.0, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; `fused=True` updates all parameters in one kernel (CUDA)."""
     groups = param_groups(model, weight_decay, layer_decay)
     for g in groups:
         g.pop("names")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:

@@ -1,0 +1,327 @@
+"""WebDataset tar shards: written from an image folder, streamed back split over ranks and loader workers.
+
+A dataset too large for one disk is kept as many tar files that are read sequentially (large reads,
+no per-file seeks) and can live on several disks. `mimkit data shard FOLDER OUT --shard-size N`
+writes (the WebDataset convention: members of one sample share a key, the extension names the field):
+
+    OUT/shard-000000.tar   000000.jpg 000000.cls 000001.png 000001.cls ...  (image bytes as they were;
+    OUT/shard-000001.tar   ...                                               label as decimal text)
+    OUT/index.json         {"format": "webdataset", "classes": [...], "num_samples": N,
+                            "shards": [{"name": "shard-000000.tar", "num_samples": n}, ...]}
+
+Samples are shuffled once when written, so every shard mixes the classes. The index gives the sample
+counts that fix an epoch's length before anything is read. Shards moved to other disks keep working if
+each folder has a copy of index.json (a shard is looked up by name in its own folder's index).
+
+Reading (`ShardDataset`): an epoch is the concatenation of the shards in an order shuffled by
+(seed, epoch). Each rank takes a contiguous range of that sequence and splits it between its loader
+workers, so no sample is read twice; every worker shuffles its samples in blocks of `shuffle_buffer`
+(a buffer whose permutation is seeded by (seed, epoch, position)), and decodes with the folder datasets'
+`decode_image` and bad-file policy. Because everything is a function of positions, a run resumes
+mid-epoch by skipping whole shards and undecoded samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mimkit.data.datasets import IMG_EXTENSIONS, BadImageError, ImageFolder, Sample, decode_image
+
+INDEX = "index.json"
+FORMAT = "webdataset"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, 0  # fixed metadata: the same folder, the same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(folder: str, out: str, shard_size: int = 1000, seed: int = 0) -> dict:
+    """Write the images under `folder` (an image folder: class sub-folders, or images directly in it)
+    as tar shards of `shard_size` samples in `out`, in an order shuffled by `seed`, plus index.json.
+
+    Files are stored as they are, unreadable ones included (readers count and skip them like folder
+    datasets do). Each shard and the index are written to a temporary name and renamed. Returns the index."""
+    if shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, got {shard_size}")
+    source = ImageFolder(folder, load_size=0)  # lists and labels the files; nothing is decoded
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
+    os.makedirs(out, exist_ok=True)
+    digits = max(6, len(str(len(order) - 1)))
+    shards = []
+    for first in range(0, len(order), shard_size):
+        name = f"shard-{len(shards):06d}.tar"
+        tmp = os.path.join(out, name + ".tmp")
+        chunk = order[first : first + shard_size]
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, i in enumerate(chunk, start=first):
+                path = source.path(i)
+                ext = os.path.splitext(path)[1].lower()
+                ext = ".jpg" if ext == ".jpeg" else ext
+                with open(path, "rb") as f:
+                    _add(tar, f"{key:0{digits}d}{ext}", f.read())
+                _add(tar, f"{key:0{digits}d}.cls", str(int(source.labels[i])).encode())
+        os.replace(tmp, os.path.join(out, name))
+        shards.append({"name": name, "num_samples": len(chunk)})
+    index = {"format": FORMAT, "classes": list(source.classes), "num_samples": len(order), "shards": shards}
+    tmp = os.path.join(out, INDEX + ".tmp")
+    Path(tmp).write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(tmp, os.path.join(out, INDEX))
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding shards
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion: `a{0..2}b` -> a0b a1b a2b (zero padding kept: {000..010}),
+    `{x,y}` -> x y; nested and repeated braces expand left to right."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = int(r.group(1)), int(r.group(2))
+        width = len(r.group(1)) if r.group(1).startswith("0") else 0
+        options = [f"{i:0{width}d}" for i in range(lo, hi + 1)]
+    else:
+        options = body.split(",")
+    return [out for option in options for out in expand_braces(head + option + tail)]
+
+
+def _read_index(folder: str) -> dict:
+    path = os.path.join(folder, INDEX)
+    try:
+        index = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no shard index (write shards with `mimkit data shard FOLDER OUT`)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if index.get("format") != FORMAT or "shards" not in index:
+        raise ValueError(f"{path}: not a mimkit shard index")
+    return index
+
+
+def find_shards(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """(shard path, samples) in order, and the class names, for a shard folder or a brace/glob pattern
+    of shard files; every count comes from index.json in the shard's folder."""
+    root = os.path.expanduser(root)
+    if os.path.isdir(root):
+        index = _read_index(root)
+        shards = [(os.path.join(root, s["name"]), int(s["num_samples"])) for s in index["shards"]]
+        classes = list(index.get("classes", []))
+    else:
+        paths = sorted({p for part in expand_braces(root) for p in (glob.glob(part) or [part])})
+        indexes: dict[str, dict] = {}
+        shards, classes = [], None
+        for path in paths:
+            folder = os.path.dirname(path) or "."
+            if folder not in indexes:
+                indexes[folder] = _read_index(folder)
+                counts = {s["name"]: int(s["num_samples"]) for s in indexes[folder]["shards"]}
+                indexes[folder]["counts"] = counts
+                theirs = list(indexes[folder].get("classes", []))
+                if classes is not None and theirs != classes:
+                    raise ValueError(f"{folder}/{INDEX}: its classes differ from the other shard folders'")
+                classes = theirs
+            name = os.path.basename(path)
+            if name not in indexes[folder]["counts"]:
+                raise ValueError(f"{path}: not listed in {os.path.join(folder, INDEX)}")
+            shards.append((path, indexes[folder]["counts"][name]))
+        classes = classes or []
+    missing = [p for p, _ in shards if not os.path.isfile(p)]
+    if missing:
+        more = " ..." if len(missing) > 5 else ""
+        raise FileNotFoundError(f"shard file(s) not found: {', '.join(missing[:5])}{more}")
+    if not shards:
+        raise ValueError(f"no shards found at {root}")
+    return shards, classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _hash_seed(*parts: int) -> int:
+    key = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(key[:8], "little")
+
+
+def _samples_of(path: str, skip: int, count: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(member-name stem, {extension: bytes}) for samples skip .. skip + count - 1 of a shard, read as
+    a stream; the data of skipped samples is never read. A shard that ends early (truncated, corrupt)
+    yields what it has and then empty samples, so that counts and positions stay right."""
+    done, key, fields = 0, None, {}
+    try:
+        with tarfile.open(path, "r|") as tar:
+            seen = -1
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = os.path.basename(member.name)
+                stem, _, ext = name.partition(".")
+                if stem != key:
+                    if key is not None and seen >= skip:
+                        yield key, fields
+                        done += 1
+                        if done == count:
+                            return
+                    key, fields, seen = stem, {}, seen + 1
+                if seen >= skip:
+                    fields[ext.lower()] = tar.extractfile(member).read()
+            if key is not None and seen >= skip and done < count:
+                yield key, fields
+                done += 1
+    except (tarfile.TarError, EOFError, OSError):
+        pass
+    for i in range(done, count):
+        yield f"#{skip + i}", {}
+
+
+def _decode(path: str, stem: str, fields: dict[str, bytes], load_size: int) -> Sample:
+    label = int(fields["cls"]) if fields.get("cls", b"").strip().lstrip(b"-").isdigit() else -1
+    image_ext = next((e for e in fields if "." + e in IMG_EXTENSIONS), None)
+    where = f"{path}:{stem}.{image_ext or '?'}"
+    if image_ext is None:
+        reason = "no image in this sample" if fields else "missing from the shard (truncated or corrupt tar?)"
+        return Sample(None, label, where, reason)
+    try:
+        return Sample(decode_image(fields[image_ext], load_size), label, where)
+    except BadImageError as e:
+        return Sample(None, label, where, e.reason)
+
+
+class ShardDataset(IterableDataset):
+    """Samples streamed from tar shards (see the module docstring), uint8 (3, S, S) like `ImageFolder`.
+
+    `split(rank, world_size, batch_size, seed, shuffle)` gives the view one rank iterates (what
+    `make_loader` does); the dataset itself is rank 0 of 1, unshuffled. In a view with `batch_size` > 0,
+    every rank yields the same number of whole batches per epoch and the loader's workers take turns
+    batch by batch (the order `DataLoader` reads them in); the few samples left over (fewer than
+    world_size x batch_size) are left out of that epoch, different ones each epoch. With `batch_size`
+    0 every sample is yielded exactly once per epoch, ranks differing by at most one.
+    """
+
+    def __init__(self, root: str, load_size: int, shuffle_buffer: int = 1000, limit: int = 0):
+        self.root, self.load_size, self.shuffle_buffer = root, load_size, shuffle_buffer
+        self.shards, self.classes = find_shards(root)
+        if limit:  # the first `limit` samples in shard order (shards were shuffled when written)
+            kept, left = [], limit
+            for path, n in self.shards:
+                if left > 0:
+                    kept.append((path, min(n, left)))
+                    left -= n
+            self.shards = kept
+        self.num_samples = sum(n for _, n in self.shards)
+        self.rank, self.world_size, self.batch_size, self.seed, self.shuffle = 0, 1, 0, 0, False
+        self.epoch, self.start = 0, 0
+
+    def split(self, rank: int, world_size: int, batch_size: int = 0, seed: int = 0,
+              shuffle: bool = True) -> ShardDataset:
+        """The view of one rank: its share of every epoch (see the class docstring)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        view = copy.copy(self)
+        view.rank, view.world_size, view.batch_size = rank, world_size, batch_size
+        view.seed, view.shuffle, view.epoch, view.start = seed, shuffle, 0, 0
+        if len(view) == 0:
+            raise ValueError(f"{self.num_samples} samples cannot give each of {world_size} rank(s) a batch of "
+                             f"{batch_size}")
+        return view
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch and skip the first `start` samples of this view's share (whole batches)."""
+        if start and (not self.batch_size or start % self.batch_size):
+            raise ValueError(f"start {start} must be a multiple of the batch size {self.batch_size}")
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start {start} is outside this rank's {len(self)} samples")
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        """Samples this view yields per epoch, over all its workers."""
+        lo, hi = self._rank_range()
+        return hi - lo
+
+    def _rank_range(self) -> tuple[int, int]:
+        n, r, w = self.num_samples, self.rank, self.world_size
+        if not self.batch_size:
+            return r * n // w, (r + 1) * n // w
+        per_rank = (n // w) // self.batch_size * self.batch_size
+        return r * per_rank, (r + 1) * per_rank
+
+    def _worker_range(self, worker: int, workers: int) -> tuple[int, int, int]:
+        """(first, end) positions in the epoch's sequence of what loader worker `worker` reads, and how
+        many of them to skip when resuming at `start`.
+
+        Batch j of an epoch comes from share j % workers (the DataLoader asks its workers in turn), so
+        after `done` batches the next one is share done % workers's; a resumed loader starts asking at
+        worker 0, so worker w takes over share (w + done) % workers."""
+        lo, hi = self._rank_range()
+        if not self.batch_size:
+            n = hi - lo
+            return lo + worker * n // workers, lo + (worker + 1) * n // workers, 0
+        bs, batches = self.batch_size, (hi - lo) // self.batch_size
+        done = self.start // bs
+        share = (worker + done) % workers
+        q, rem = divmod(batches, workers)
+        first = lo + bs * (share * q + min(share, rem))
+        mine = q + (share < rem)
+        skip = max(0, -(-(done - share) // workers)) * bs  # batches j < done with j % workers == share
+        return first, first + mine * bs, skip
+
+    def _epoch_shards(self) -> list[tuple[str, int]]:
+        if not self.shuffle:
+            return self.shards
+        g = torch.Generator().manual_seed(_hash_seed(self.seed, self.epoch))
+        return [self.shards[i] for i in torch.randperm(len(self.shards), generator=g).tolist()]
+
+    def _read(self, shards: list[tuple[str, int]], first: int, end: int) -> Iterator[tuple[str, str, dict]]:
+        """Undecoded samples at positions first .. end - 1 of the sequence `shards` make."""
+        offset = 0
+        for path, n in shards:
+            lo, hi = max(first, offset), min(end, offset + n)
+            if lo < hi:
+                for stem, fields in _samples_of(path, lo - offset, hi - lo):
+                    yield path, stem, fields
+            offset += n
+            if offset >= end:
+                return
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        first, end, skip = self._worker_range(worker, workers)
+        shards, size = self._epoch_shards(), self.shuffle_buffer
+        block = skip // size  # whole blocks before the resume point are not even read
+        for lo in range(first + block * size, end, size):
+            raw = list(self._read(shards, lo, min(lo + size, end)))
+            if self.shuffle:  # the buffer: a permutation seeded by (seed, epoch, where the block starts)
+                g = torch.Generator().manual_seed(_hash_seed(self.seed, self.epoch, lo))
+                raw = [raw[i] for i in torch.randperm(len(raw), generator=g).tolist()]
+            if lo == first + block * size:
+                raw = raw[skip - block * size :]
+            for path, stem, fields in raw:
+                yield _decode(path, stem, fields, self.load_size)
+
+    def first(self, n: int) -> list[Sample]:
+        """The first `n` samples in shard order (e.g. for a fixed set of pictures)."""
+        return [_decode(p, s, f, self.load_size) for p, s, f in self._read(self.shards, 0, min(n, self.num_samples))]

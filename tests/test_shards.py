@@ -1,0 +1,158 @@
+"""WebDataset shards: written from an image folder, streamed once per epoch across ranks and workers."""
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from mimkit.cli import main
+from mimkit.config import load_config
+from mimkit.data import ImageFolder, ShardDataset, build_dataset, make_loader, set_epoch, write_shards
+from mimkit.data.shards import expand_braces
+from mimkit.train import checkpoint
+from mimkit.train.loop import pretrain
+
+N = 37  # images (one unreadable), 3 classes; shards of 5: 8 shards, the last with 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread (two spin against the loader workers on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for i in range(N - 1):
+        cls = root / ("cat", "dog", "fox")[i % 3]
+        cls.mkdir(exist_ok=True)
+        pixels = torch.randint(0, 256, (20, 24, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(cls / f"{i:02d}.{'png' if i % 4 == 0 else 'jpeg'}")
+    (root / "dog" / "broken.jpg").write_bytes(b"not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    assert main(["data", "shard", str(folder), str(out), "--shard-size", "5"]) == 0
+    return out
+
+
+def test_the_cli_writes_webdataset_shards_and_an_index(folder, shards):
+    index = json.loads((shards / "index.json").read_text())
+    assert index["num_samples"] == N and index["classes"] == ["cat", "dog", "fox"]
+    assert [s["num_samples"] for s in index["shards"]] == [5] * 7 + [2]
+    names = [m.name for m in tarfile.open(shards / "shard-000000.tar")]
+    assert names[:2] == ["000000" + Path(names[0]).suffix, "000000.cls"]
+    assert {Path(n).suffix for n in names} <= {".jpg", ".png", ".cls"}
+    # the bytes are the files', unchanged; labels as decimal text; rewritten identically
+    source = ImageFolder(str(folder), load_size=0)
+    stored = {}
+    for i in range(len(index["shards"])):
+        with tarfile.open(shards / f"shard-{i:06d}.tar") as tar:
+            stored.update({m.name: tar.extractfile(m).read() for m in tar})
+    images = sorted(v for k, v in stored.items() if not k.endswith(".cls"))
+    assert images == sorted(Path(source.path(i)).read_bytes() for i in range(len(source)))
+    assert sorted(int(v) for k, v in stored.items() if k.endswith(".cls")) == sorted(source.labels.tolist())
+    again = write_shards(str(folder), str(shards.parent / "again"), shard_size=5)
+    assert again == index and (shards.parent / "again" / "shard-000003.tar").read_bytes() == (
+        shards / "shard-000003.tar").read_bytes()
+
+
+def _paths(view: ShardDataset, epoch: int, workers: int, batch: int = 3, start: int = 0) -> list[list[str]]:
+    view.set_epoch(epoch, start)
+    loader = DataLoader(view, batch_size=batch, num_workers=workers, collate_fn=lambda s: [x.path for x in s])
+    return list(loader)
+
+
+def test_every_image_exactly_once_per_epoch_across_two_ranks_and_two_workers(shards):
+    ds = ShardDataset(str(shards), load_size=16, shuffle_buffer=4)
+    orders = []
+    for epoch in range(2):
+        seen = [p for rank in range(2) for batch in _paths(ds.split(rank, 2, seed=0), epoch, workers=2)
+                for p in batch]
+        assert len(seen) == N and len(set(seen)) == N  # all of them, none twice
+        orders.append(seen)
+    assert orders[0] != orders[1]  # shard order and buffer shuffled per epoch
+    assert sorted(orders[0]) == sorted(orders[1])
+
+
+def test_training_views_give_every_rank_the_same_whole_batches_and_resume_mid_epoch(shards):
+    ds = ShardDataset(str(shards), load_size=16, shuffle_buffer=4)
+    views = [ds.split(rank, 2, batch_size=3, seed=5) for rank in range(2)]
+    assert [len(v) for v in views] == [18, 18]  # 37 // 2 = 18 per rank: 6 batches of 3
+    batches = [_paths(v, epoch=1, workers=2) for v in views]
+    assert [len(b) for b in batches] == [6, 6] and all(len(x) == 3 for b in batches for x in b)
+    flat = [p for b in batches for x in b for p in x]
+    assert len(set(flat)) == len(flat) == 36
+    # Resuming after 4 batches (2 from each worker) continues with the same last 2 batches.
+    assert _paths(views[0], epoch=1, workers=2, start=12) == batches[0][4:]
+    assert _paths(views[1], epoch=1, workers=2, start=3) == batches[1][1:]  # one of worker 0's only
+
+
+def test_samples_decode_like_a_folder_and_bad_files_are_reported(folder, shards):
+    ds = build_dataset("shards", str(shards), "train", img_size=16, load_size=16)
+    samples = list(ds)  # rank 0 of 1, shard order
+    assert len(samples) == N and ds.classes == ["cat", "dog", "fox"]
+    bad = [s for s in samples if s.image is None]
+    assert len(bad) == 1 and bad[0].reason == "not a recognised image format" and bad[0].label == 1
+    assert all(s.image.shape == (3, 16, 16) and s.image.dtype == torch.uint8 for s in samples if s.image is not None)
+    folder_images = sorted(x.image.flatten().tolist() for x in (ImageFolder(str(folder), 16)[i] for i in range(N))
+                           if x.image is not None)
+    assert sorted(s.image.flatten().tolist() for s in samples if s.image is not None) == folder_images
+    # A glob or brace pattern over the shard files reads the same samples; counts come from index.json.
+    pattern = ShardDataset(str(shards / "shard-{000000..000003}.tar"), load_size=16)
+    assert len(pattern) == 20 and [s.path for s in pattern] == [s.path for s in samples[:20]]
+    assert expand_braces("a{0..2}b{x,y}") == ["a0bx", "a0by", "a1bx", "a1by", "a2bx", "a2by"]
+    assert len(ShardDataset(str(shards / "shard-*.tar"), load_size=16)) == N
+
+
+def test_a_truncated_shard_keeps_the_epoch_length(shards, tmp_path):
+    for f in shards.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    data = (tmp_path / "shard-000001.tar").read_bytes()
+    (tmp_path / "shard-000001.tar").write_bytes(data[: len(data) // 2])
+    samples = list(ShardDataset(str(tmp_path), load_size=16))
+    assert len(samples) == N
+    assert any("truncated" in s.reason for s in samples if s.image is None)
+
+
+def test_pretraining_streams_shards_and_resumes_exactly(shards, tmp_path):
+    args = ["data.dataset=shards", f"data.root={shards}", "data.num_workers=2", "data.shuffle_buffer=8",
+            "model.preset=mae_vit_tiny_cifar_patch4", "model.depth=1", "model.decoder_depth=1", "model.embed_dim=64",
+            "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_num_heads=2", "train.batch_size=4",
+            "train.epochs=2", "train.ckpt_every=3", "train.log_every=1", "train.vis_images=2"]
+    full = pretrain(load_config(None, [*args, f"out_dir={tmp_path / 'full'}"]))
+    assert full["step"] == 18  # 37 images, batch 4: 9 steps per epoch
+    assert (tmp_path / "full" / "pictures" / "recon-00000018.png").is_file()
+
+    class Stop(Exception):
+        pass
+
+    def stop(info):
+        if info.step == 13:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pretrain(load_config(None, [*args, f"out_dir={tmp_path / 'cut'}"]), hooks=[stop])
+    pretrain(load_config(None, [*args, f"out_dir={tmp_path / 'cut'}"]), resume="auto")  # from step 12, mid-epoch
+    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "checkpoint-00000018.pt")["model"]
+    b = checkpoint.load(tmp_path / "cut" / "checkpoints" / "checkpoint-00000018.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_make_loader_splits_a_stream(shards):
+    ds = ShardDataset(str(shards), load_size=16)
+    loader = make_loader(ds, 4, seed=0, rank=1, world_size=2, num_workers=0)
+    set_epoch(loader, 3, start=8)
+    assert len(loader) == 4 and len(list(loader)) == 2  # 18 // 4 = 4 batches; 2 of them already done
