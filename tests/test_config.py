@@ -2,7 +2,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import yaml
 
 from mimkit.config import Config, ConfigError, load_config, load_eval_config
