@@ -106,8 +106,9 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     from mimkit.data import EvalTransform, build_dataset
     from mimkit.viz import save_reconstruction
 
-    model = load(args.checkpoint)
-    d = from_dict(DataConfig, read_file(args.checkpoint)["config"]["data"], prefix="data.")
+    state = read_file(args.checkpoint)  # read once: the weights and the data settings they were trained on
+    model = load(state)
+    d = from_dict(DataConfig, state["config"]["data"], prefix="data.")
     data = to_dict(d) | {k: v for k, v in (("root", args.data), ("dataset", args.dataset), ("split", args.split))
                          if v is not None}
     d = from_dict(DataConfig, data, prefix="data.")

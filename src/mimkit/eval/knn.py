@@ -13,7 +13,7 @@ from torch import Tensor
 
 from mimkit.config import Config
 from mimkit.eval.features import extract
-from mimkit.eval.run import Context, accuracy, features_of
+from mimkit.eval.run import Context, accuracy, decoded_size, features_of
 from mimkit.train.loop import StepInfo
 
 
@@ -60,7 +60,7 @@ class KNNMonitor:
         common = dict(img_size=size, load_size=d.load_size, cache_dir=d.cache_dir)
         bank = build_dataset(d.dataset, d.root, "train", limit=m.bank_size, **common)
         queries = build_dataset(d.dataset, d.root, "test", limit=m.query_size, **common)
-        crop = size / queries[0].image.shape[-1]
+        crop = size / decoded_size(queries)
         transform = EvalTransform(size, crop_pct=crop, mean=d.mean, std=d.std)
         return cls(bank, queries, transform, m.every_epochs, m.pool, m.k, m.temperature)
 

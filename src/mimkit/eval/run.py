@@ -64,7 +64,7 @@ def vit_from(model: nn.Module, img_size: int | None = None, **changes) -> Vision
     return vit
 
 
-def _decoded_size(dataset) -> int:
+def decoded_size(dataset) -> int:
     """Side of the images a dataset yields (its workers already resized them)."""
     return next(s.image.shape[-1] for s in (dataset[i] for i in range(len(dataset))) if s.image is not None)
 
@@ -81,7 +81,7 @@ def build_context(cfg: EvalConfig, model: nn.Module | None = None) -> Context:
     train_set = build_dataset(d.dataset, d.root, d.split, limit=d.limit, **common)
     val_set = build_dataset(d.dataset, d.root, cfg.val_split, limit=0, **common)
     num_classes = len(train_set.classes)
-    crop_pct = cfg.crop_pct or encoder.img_size / _decoded_size(val_set)
+    crop_pct = cfg.crop_pct or encoder.img_size / decoded_size(val_set)
     transform = EvalTransform(encoder.img_size, crop_pct=crop_pct, mean=d.mean, std=d.std)
     return Context(cfg, encoder, train_set, val_set, num_classes, transform, device)
 
