@@ -1,7 +1,9 @@
 """Training throughput of mimkit's MAE against transformers' ViTMAEForPreTraining, same weights; and of
 mimkit's CAE alone (no reference implementation exists to time it against).
 
-One training step = forward (masking, encoder, decoder, loss) + backward + AdamW step, fp32.
+One training step = forward (masking, encoder, decoder, loss) + backward + AdamW step, in fp32 or,
+with `--precision bf16`, with the forward of every implementation under bf16 autocast (what
+`train.precision=bf16` does; on CPUs with AMX or AVX512-BF16 the matmuls run in bf16).
 Both implementations are timed in the same process, interleaved round by round so that machine
 drift hits both alike; the reported figure is the median over rounds. Achieved GFLOP/s counts the
 matmul/conv/attention FLOPs of one step with `torch.utils.flop_counter` and is compared with a
@@ -12,6 +14,7 @@ the warm-up step, outside the timing, and is reported as `compile_s`.
     python benchmarks/throughput.py                      # every config
     python benchmarks/throughput.py --configs cifar_tiny --rounds 3
     python benchmarks/throughput.py --configs cae_cifar_tiny
+    python benchmarks/throughput.py --configs cifar_tiny vit_b16 --precision bf16
     python benchmarks/throughput.py --quick              # smoke test: tiny batch, one round, short peak
 """
 
@@ -40,9 +43,9 @@ CONFIGS = {
 }
 
 
-def matmul_peak(n: int = 2048, seconds: float = 3.0) -> float:
-    """Best fp32 GFLOP/s of an n x n matmul over repeated runs."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, seconds: float = 3.0, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of an n x n matmul in `dtype` over repeated runs."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     best, end = 0.0, time.perf_counter() + seconds
@@ -53,11 +56,16 @@ def matmul_peak(n: int = 2048, seconds: float = 3.0) -> float:
     return best
 
 
-def make_step(model, imgs, noise, reference: bool):
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def make_step(model, imgs, noise, reference: bool, precision: str = "fp32"):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
 
     def step():
-        out = model(pixel_values=imgs, noise=noise) if reference else model(imgs, noise=noise)
+        with autocast(precision):
+            out = model(pixel_values=imgs, noise=noise) if reference else model(imgs, noise=noise)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -79,7 +87,8 @@ def time_steps(step, n: int) -> float:
     return (time.perf_counter() - t) / n
 
 
-def run_config(name: str, rounds: int, steps: int, batch: int | None = None, compiled: bool = True) -> dict:
+def run_config(name: str, rounds: int, steps: int, batch: int | None = None, compiled: bool = True,
+               precision: str = "fp32") -> dict:
     import transformers
 
     spec = dict(CONFIGS[name], batch=batch or CONFIGS[name]["batch"])
@@ -89,15 +98,16 @@ def run_config(name: str, rounds: int, steps: int, batch: int | None = None, com
     g = torch.Generator().manual_seed(0)
     imgs = torch.randn(spec["batch"], 3, ours.img_size, ours.img_size, generator=g)
     noise = torch.rand(spec["batch"], ours.patch_embed.num_patches, generator=g)
-    contenders = {"mimkit": make_step(ours, imgs, noise, reference=False)}
+    contenders = {"mimkit": make_step(ours, imgs, noise, reference=False, precision=precision)}
     if compiled:
         twin = copy.deepcopy(ours)
         compile_blocks(twin)
-        contenders["mimkit_compiled"] = make_step(twin, imgs, noise, reference=False)
+        contenders["mimkit_compiled"] = make_step(twin, imgs, noise, reference=False, precision=precision)
     for attn in ("eager", "sdpa"):
         ref = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**hf_cfg, attn_implementation=attn))
         ref.load_state_dict(mae_to_hf(ours.state_dict()))
-        contenders[f"transformers_{attn}"] = make_step(ref.train(), imgs, noise, reference=True)
+        contenders[f"transformers_{attn}"] = make_step(ref.train(), imgs, noise, reference=True,
+                                                         precision=precision)
     flops = step_flops(contenders["mimkit"])
     warmup = {}
     for k, step in contenders.items():  # warm up allocators and kernels (and compile)
@@ -119,7 +129,7 @@ def run_config(name: str, rounds: int, steps: int, batch: int | None = None, com
     return result
 
 
-def run_cae_config(name: str, rounds: int, steps: int) -> dict:
+def run_cae_config(name: str, rounds: int, steps: int, precision: str = "fp32") -> dict:
     """mimkit CAE alone: one training step = forward (encoder, alignment target, regressor, decoder, loss)
     with fixed block masks (as MAE's steps get fixed noise) + backward + AdamW step, fp32."""
     from mimkit.masking import block_mask, num_kept
@@ -135,7 +145,9 @@ def run_cae_config(name: str, rounds: int, steps: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999))
 
     def step():
-        model(imgs, mask=mask).loss.backward()
+        with autocast(precision):
+            loss = model(imgs, mask=mask).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -153,6 +165,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median is reported)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per round")
     parser.add_argument("--out", default=None, help="JSON report (default benchmarks/results/throughput[_quick].json)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: every forward under bf16 autocast, peak measured in bf16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of mimkit")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: cifar_tiny at batch 8, one round of one step, a 1-second peak")
@@ -160,21 +174,23 @@ def main() -> None:
     batch = None
     if args.quick:
         args.configs, args.rounds, args.steps, batch = ["cifar_tiny"], 1, 1, 8
-    out = Path(args.out or f"benchmarks/results/throughput{'_quick' if args.quick else ''}.json")
+    suffix = ("_quick" if args.quick else "") + ("_bf16" if args.precision == "bf16" else "")
+    out = Path(args.out or f"benchmarks/results/throughput{suffix}.json")
 
-    peak = matmul_peak(seconds=1.0 if args.quick else 3.0)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak = matmul_peak(seconds=1.0 if args.quick else 3.0, dtype=dtype)
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "matmul_peak_gflops": peak, "configs": {}}
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s ({report['machine']})")
+              "torch": torch.__version__, "precision": args.precision, "matmul_peak_gflops": peak, "configs": {}}
+    print(f"{args.precision} matmul peak: {peak:.1f} GFLOP/s ({report['machine']})")
     print(f"{'config':<11} {'implementation':<20} {'images/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'vs best ref':>11}")
     for name in args.configs:
         if CONFIGS[name].get("method") == "cae":
-            r = report["configs"][name] = run_cae_config(name, args.rounds, args.steps)
+            r = report["configs"][name] = run_cae_config(name, args.rounds, args.steps, args.precision)
             x = r["mimkit"]
             print(f"{name:<11} {'mimkit':<20} {x['images_per_s']:>9.1f} {x['gflops']:>8.1f} "
                   f"{100 * x['gflops'] / peak:>6.1f}% {'-':>11}")
             continue
-        r = run_config(name, args.rounds, args.steps, batch, compiled=not args.no_compile)
+        r = run_config(name, args.rounds, args.steps, batch, compiled=not args.no_compile, precision=args.precision)
         report["configs"][name] = r
         best_ref = max(r["transformers_eager"]["images_per_s"], r["transformers_sdpa"]["images_per_s"])
         impls = ["mimkit", "transformers_eager", "transformers_sdpa"]
