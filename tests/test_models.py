@@ -4,7 +4,7 @@ import torch
 from mimkit.masking import num_kept, random_masking
 from mimkit.models import build_model
 from mimkit.models.mae import PRESETS
-from mimkit.models.vit import sincos_pos_embed_2d
+from mimkit.models.vit import attention, sincos_pos_embed_2d
 from mimkit.targets import denormalize_patches, patchify, pixel_target, unpatchify
 
 
@@ -125,3 +125,18 @@ def test_bad_input_size_is_named():
     model = build_model("mae", preset="mae_vit_tiny_cifar_patch4")
     with pytest.raises(ValueError, match=r"expected images of 32x32, got \(1, 3, 64, 64\)"):
         model(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("keys", [17, 65, 200])
+def test_attention_matches_sdpa_in_bf16_and_grads_flow(keys):
+    """The explicit bf16 CPU path (short sequences) and SDPA (long ones) compute the same function."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 3, n, 32, generator=g) for n in (keys - 1, keys, keys))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    lowp = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out = attention(*lowp)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in lowp)
+    torch.testing.assert_close(attention(q, k, v), ref)  # fp32 is SDPA itself

@@ -28,6 +28,7 @@ from mimkit.models.vit import (
     LayerScale,
     Mlp,
     VisionTransformer,
+    attention,
     init_weights,
     sincos_pos_embed_2d,
 )
@@ -163,7 +164,7 @@ class CrossAttention(nn.Module):
         q = heads(F.linear(x_q, self.q.weight, self.q_bias))
         k = heads(F.linear(x_k, self.k.weight))
         v = heads(F.linear(x_v, self.v.weight, self.v_bias))
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(D/H)) v: (B, H, M, D/H)
+        x = attention(q, k, v)  # softmax(q k^T / sqrt(D/H)) v: (B, H, M, D/H)
         return self.proj(x.transpose(1, 2).reshape(B, M, D))
 
 

@@ -49,6 +49,22 @@ def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> Tensor:
     return emb.float()
 
 
+# Up to this many keys, low-precision attention on the CPU is an explicit matmul + softmax: PyTorch's
+# CPU SDPA kernel runs 3-7x slower in bf16 than that at 17-65 tokens (benchmarks/throughput.py).
+CPU_LOWP_EXPLICIT_MAX_KEYS = 128
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, H, L, d) heads, by `scaled_dot_product_attention`, except
+    for bf16 / fp16 on the CPU with short key sequences, where the explicit form (softmax in fp32)
+    is faster. Both compute the same function."""
+    if q.device.type != "cpu" or q.dtype == torch.float32 or k.shape[-2] > CPU_LOWP_EXPLICIT_MAX_KEYS:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, Lq, Lk)
+    weights = F.dropout(scores.float().softmax(dim=-1), p=dropout_p).to(v.dtype)
+    return weights @ v
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> D-dim tokens by a strided convolution."""
 
@@ -68,7 +84,7 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection and `scaled_dot_product_attention`.
+    """Multi-head self-attention with a fused qkv projection and `attention` (SDPA).
 
     `qv_bias=True` replaces the qkv bias by BEiT's separate `q_bias` and `v_bias` with no key bias
     (timm's Beit/EVA names; used by CAE): `qkv.weight` stays fused and has no bias of its own.
@@ -95,7 +111,7 @@ class Attention(nn.Module):
             qkv = F.linear(x, self.qkv.weight, torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias]))
         qkv = qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, D/H)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x))
 
