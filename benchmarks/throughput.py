@@ -131,7 +131,7 @@ def run_config(name: str, rounds: int, steps: int, batch: int | None = None, com
 
 def run_cae_config(name: str, rounds: int, steps: int, precision: str = "fp32") -> dict:
     """mimkit CAE alone: one training step = forward (encoder, alignment target, regressor, decoder, loss)
-    with fixed block masks (as MAE's steps get fixed noise) + backward + AdamW step, fp32."""
+    with fixed block masks (as MAE's steps get fixed noise) + backward + AdamW step, in `precision`."""
     from mimkit.masking import block_mask, num_kept
 
     spec = CONFIGS[name]
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median is reported)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per round")
-    parser.add_argument("--out", default=None, help="JSON report (default benchmarks/results/throughput[_quick].json)")
+    parser.add_argument("--out", default=None, help="JSON report (default benchmarks/results/throughput[_quick][_bf16].json)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="bf16: every forward under bf16 autocast, peak measured in bf16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of mimkit")
