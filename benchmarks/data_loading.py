@@ -20,8 +20,6 @@ the loader workers and the training step share the cores; each is timed alone he
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from common import machine, write_report
 from mimkit.data import PretrainAugment, ShardDataset, build_dataset, make_loader, set_epoch, write_shards
 from mimkit.models import build_model
 
@@ -105,8 +104,7 @@ def main() -> None:
     tiny = dict(preset="mae_vit_tiny_cifar_patch4", **(dict(depth=2, decoder_depth=1) if args.quick else {}))
     big = tiny if args.quick else dict(preset="mae_vit_base_patch16")
 
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "workers": args.workers, "pipelines": {}}
+    report = {**machine(), "workers": args.workers, "pipelines": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder) if args.folder else synthetic_folder(Path(tmp) / "images", args.images, size)
         shard_dir = Path(tmp) / "shards"
@@ -132,9 +130,7 @@ def main() -> None:
                                          "train_images_per_s": trained[key], "ratio": rate / trained[key]}
             print(f"{name:<8} {workers:>7} {batch:>5} {rate:>15.1f} {model:<10} {trained[key]:>12.1f} "
                   f"{rate / trained[key]:>5.1f}x")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(report, out)
 
 
 if __name__ == "__main__":

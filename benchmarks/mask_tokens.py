@@ -18,8 +18,6 @@ The two are timed interleaved, round by round; the median step time is reported.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from common import machine, write_report
 from mimkit.masking import random_masking
 from mimkit.models import build_model
 from mimkit.models.mae import MAE, MAEOutput
@@ -107,16 +106,13 @@ def main() -> None:
     if args.quick:
         args.models, args.batch, args.rounds, args.steps = ["quick"], 8, 1, 1
     out = Path(args.out or f"benchmarks/results/mask_tokens{'_quick' if args.quick else ''}.json")
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "models": {}}
+    report = {**machine(), "models": {}}
     print(f"{'model':<8} {'batch':>5} {'visible img/s':>14} {'all tokens img/s':>17} {'speedup':>8}")
     for name in args.models:
         r = report["models"][name] = run(name, args.batch, args.rounds, args.steps)
         visible, all_tokens = r["visible"]["images_per_s"], r["all_tokens"]["images_per_s"]
         print(f"{name:<8} {r['batch']:>5} {visible:>14.2f} {all_tokens:>17.2f} {r['speedup']:>7.2f}x")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(report, out)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ activations saved for backward, with everything fixed cancelling out. `fixed` is
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import resource
 import subprocess
 import sys
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from common import machine, write_report
 from mimkit.models import build_model
 from mimkit.train.loop import checkpoint_blocks
 
@@ -81,8 +80,7 @@ def main() -> None:
     b1, b2 = args.batches
     out = Path(args.out or f"benchmarks/results/memory{'_quick' if args.quick else ''}.json")
     how = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (getrusage ru_maxrss)"
-    report = {"machine": f"{platform.processor() or platform.machine()}", "torch": torch.__version__,
-              "device": args.device, "measure": how, "batches": [b1, b2], "models": {}}
+    report = {**machine(), "device": args.device, "measure": how, "batches": [b1, b2], "models": {}}
     print(f"memory: {how}; per image = slope between batches {b1} and {b2}")
     print(f"{'model':<8} {'checkpointing':<14} {'MiB/image':>10} {'fixed MiB':>10} {f'peak MiB @{b2}':>13}")
     for name in args.models:
@@ -98,9 +96,7 @@ def main() -> None:
         m = report["models"][name]
         m["reduction"] = m["plain"]["bytes_per_image"] / max(m["checkpointing"]["bytes_per_image"], 1)
         print(f"{name:<8} activation memory per image / {m['reduction']:.1f} with checkpointing")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(report, out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""The benchmark scripts run (their --quick smoke modes) and write the report BENCHMARKS.md quotes.
+
+Figures are not asserted here (timings belong in the benchmarks themselves); what is checked is that
+each script finishes, and that its JSON has the fields and the arithmetic the tables are built from."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def run(script: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out", str(out),
+                           *args], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"wrote {out}" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["torch"] and report["machine"].endswith(" threads")  # e.g. "AMD EPYC 9B14, 2 threads"
+    return report
+
+
+def positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def test_throughput(tmp_path):
+    r = run("throughput", tmp_path, "--no-compile")["configs"]["cifar_tiny"]
+    assert r["batch"] == 8 and positive(r["flops_per_step"])
+    for impl in ("mimkit", "transformers_eager", "transformers_sdpa"):
+        x = r[impl]
+        assert positive(x["images_per_s"]) and len(x["step_s"]) == 1
+        assert x["gflops"] == pytest.approx(r["flops_per_step"] / x["step_s"][0] / 1e9)
+    best = max(r["transformers_eager"]["images_per_s"], r["transformers_sdpa"]["images_per_s"])
+    assert r["speedup_vs_best_reference"] == pytest.approx(r["mimkit"]["images_per_s"] / best)
+
+
+def test_mask_tokens(tmp_path):
+    r = run("mask_tokens", tmp_path)["models"]["quick"]
+    assert (r["batch"], r["mask_ratio"], r["patches"]) == (8, 0.75, 64)
+    assert r["speedup"] == pytest.approx(r["visible"]["images_per_s"] / r["all_tokens"]["images_per_s"])
+
+
+def test_memory(tmp_path):
+    report = run("memory", tmp_path)
+    r = report["models"]["quick"]
+    assert report["batches"] == [4, 8]
+    for mode in ("plain", "checkpointing"):
+        peaks = r[mode]["peak_bytes"]
+        assert positive(peaks["4"]) and r[mode]["bytes_per_image"] == (peaks["8"] - peaks["4"]) / 4
+
+
+def test_data_loading(tmp_path):
+    pipelines = run("data_loading", tmp_path)["pipelines"]
+    assert set(pipelines) == {"cifar", "folder", "shards"}
+    for p in pipelines.values():
+        assert positive(p["images_per_s"]) and p["ratio"] == pytest.approx(p["images_per_s"] / p["train_images_per_s"])
