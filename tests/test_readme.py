@@ -1,5 +1,6 @@
 """The README's promises: its two set-up commands, and a config reference that lists every key."""
 
+import dataclasses
 import re
 import shlex
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from mimkit.cli import config_reference
 from mimkit.config import EvalConfig
+from mimkit.models import METHODS
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
@@ -44,3 +46,11 @@ def test_config_reference_lists_every_key():
     missing = [key for key, _ in config_reference(EvalConfig) if not key.startswith(("data.", "train."))
                and f"`{key}`" not in evaluation]
     assert not missing, f"README evaluation table lacks {missing}"
+
+
+def test_config_reference_documents_every_model_field_including_the_shared_encoder_ones():
+    rows = dict(config_reference())
+    for method, (cfg_cls, _, _) in METHODS.items():
+        undocumented = [f.name for f in dataclasses.fields(cfg_cls) if not rows.get(f"model.{f.name} ({method})")]
+        assert not undocumented, f"{method}: {undocumented}"
+    assert rows["model.depth (cae)"] == rows["model.depth (mae)"] == "Encoder blocks."

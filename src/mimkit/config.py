@@ -413,11 +413,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of dataclass `cls` (for --help and the README)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
+    """The docstring written under each field of dataclass `cls` and of its dataclass bases, in field
+    order (for --help and the README)."""
     docs = {}
-    for stmt, nxt in zip(body, body[1:]):
-        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for stmt, nxt in zip(body, body[1:]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
     return docs

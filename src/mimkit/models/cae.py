@@ -25,6 +25,7 @@ from mimkit.models.vit import (
     VIT_SIZES,
     Block,
     DropPath,
+    EncoderConfig,
     LayerScale,
     Mlp,
     VisionTransformer,
@@ -39,23 +40,9 @@ TARGETS = ("tokens", "pixels")
 
 
 @dataclass
-class CAEConfig:
-    preset: str = ""
-    """Named architecture (see `PRESETS`); the fields given beside it override it."""
-    img_size: int = 224
-    """Input resolution in pixels (square)."""
-    patch_size: int = 16
-    """Patch side p in pixels."""
-    in_chans: int = 3
-    """Image channels."""
-    embed_dim: int = 768
-    """Encoder width D."""
-    depth: int = 12
-    """Encoder blocks."""
-    num_heads: int = 12
-    """Encoder attention heads."""
-    mlp_ratio: float = 4.0
-    """MLP hidden width / block width."""
+class CAEConfig(EncoderConfig):
+    """CAE's model: the encoder's fields, then regressor, decoder, masking and targets."""
+
     qv_bias: bool = True
     """Query and value biases without a key bias in every attention (BEiT / official CAE)."""
     init_values: float = 0.1

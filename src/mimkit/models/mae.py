@@ -15,34 +15,28 @@ from torch import Tensor, nn
 
 from mimkit.config import check_choice
 from mimkit.masking import MASK_TYPES, gather_tokens, make_mask
-from mimkit.models.vit import LN_EPS, VIT_SIZES, Block, VisionTransformer, init_weights, sincos_pos_embed_2d
+from mimkit.models.vit import (
+    LN_EPS,
+    VIT_SIZES,
+    Block,
+    EncoderConfig,
+    VisionTransformer,
+    init_weights,
+    sincos_pos_embed_2d,
+)
 from mimkit.targets import pixel_target
 
 
 @dataclass
-class MAEConfig:
-    preset: str = ""
-    """Named architecture (see `PRESETS`); the fields given beside it override it."""
-    img_size: int = 224
-    """Input resolution in pixels (square)."""
-    patch_size: int = 16
-    """Patch side p in pixels."""
-    in_chans: int = 3
-    """Image channels."""
-    embed_dim: int = 768
-    """Encoder width D."""
-    depth: int = 12
-    """Encoder blocks."""
-    num_heads: int = 12
-    """Encoder attention heads."""
+class MAEConfig(EncoderConfig):
+    """MAE's model: the encoder's fields, then the decoder's and the masking's."""
+
     decoder_embed_dim: int = 512
     """Decoder width (MAE: 512 is best)."""
     decoder_depth: int = 8
     """Decoder blocks (MAE: 8 for linear probing, 1 is enough for fine-tuning)."""
     decoder_num_heads: int = 16
     """Decoder attention heads."""
-    mlp_ratio: float = 4.0
-    """MLP hidden width / block width."""
     mask_ratio: float = 0.75
     """Fraction of patches hidden from the encoder (MAE: 0.75)."""
     norm_pix_loss: bool = False

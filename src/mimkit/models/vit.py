@@ -10,6 +10,8 @@ official MAE weights load with `strict=True`; all key mapping lives in `mimkit.c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,6 +26,28 @@ VIT_SIZES = {
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
     "huge": dict(embed_dim=1280, depth=32, num_heads=16),
 }
+
+
+@dataclass
+class EncoderConfig:
+    """The encoder's architecture: the fields every method's model config starts with."""
+
+    preset: str = ""
+    """Named architecture (see the method's `PRESETS`); the fields given beside it override it."""
+    img_size: int = 224
+    """Input resolution in pixels (square)."""
+    patch_size: int = 16
+    """Patch side p in pixels."""
+    in_chans: int = 3
+    """Image channels."""
+    embed_dim: int = 768
+    """Encoder width D."""
+    depth: int = 12
+    """Encoder blocks."""
+    num_heads: int = 12
+    """Encoder attention heads."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width / block width."""
 
 
 def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> Tensor:
