@@ -382,6 +382,26 @@ def _one_paragraph(e):
     return msg
 
 
+class _RunsCode:
+    """A pickle that, loaded without care, creates a file: what a malicious checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_files_that_pickle_code_are_refused_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"model": _encoder().state_dict(), "extra": _RunsCode(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError) as e:
+        load(tmp_path / "evil.pth")
+    msg = _one_paragraph(e)
+    assert "evil.pth: holds pickled io.open, which could run code when loaded" in msg
+    assert "If you trust the file" in msg and not marker.exists()
+
+
 def test_corrupt_files_get_a_clear_error(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint" * 10)
     with pytest.raises(WeightsError) as e:

@@ -247,12 +247,39 @@ def read_file(path: str | Path) -> object:
     if path.suffix == ".safetensors":
         return read_safetensors(path)[0]
     try:
-        # weights_only=False: official MAE checkpoints pickle an argparse Namespace, mimkit ones NumPy
-        # RNG state. Only load files you trust.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated archive, pickle error, not a torch file, ...
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated archive, pickle error, not a torch file, a global not allowed, ...
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise WeightsError(
+                f"{path}: holds pickled {', '.join(unsafe)}, which could run code when loaded; mimkit reads "
+                "tensors, plain containers, argparse.Namespace and NumPy arrays only. If you trust the file, "
+                "save its weights alone: torch.save(torch.load(path, weights_only=False)['model'], 'weights.pt')"
+            ) from None
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(e) else ""
         raise WeightsError(f"{path}: cannot read weights, the file is corrupt or not a PyTorch checkpoint "
-                           f"({type(e).__name__}: {e})") from None
+                           f"({type(e).__name__}: {reason})") from None
+
+
+def _safe_globals() -> list:
+    """What a weights file may pickle besides tensors and plain containers: official MAE and DeiT
+    training checkpoints keep their argparse Namespace, mimkit checkpoints NumPy's random state."""
+    import argparse
+
+    import numpy as np
+
+    return [argparse.Namespace, np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The pickled classes and functions of a torch.save file that `read_file` does not allow."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip archive at all: the caller reports corruption
+        return []
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()}
+    return [g for g in found if g not in allowed]
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:

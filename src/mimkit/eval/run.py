@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mimkit.config import EvalConfig, to_dict
-from mimkit.convert import load
+from mimkit.convert import load, read_file
 from mimkit.data import EvalTransform, PretrainAugment, build_dataset, make_loader
 from mimkit.eval.features import FeatureSet, extract, features
 from mimkit.models.vit import VisionTransformer, resample_pos_embed
@@ -116,7 +116,7 @@ def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, train_s
     best_path = out_dir / "best.pt"
     best = {"top1": -1.0}
     if resume is not None and best_path.exists():  # the best epoch of the run being resumed
-        best = torch.load(best_path, map_location="cpu", weights_only=False)["best"]
+        best = read_file(best_path)["best"]
 
     def validate(info: StepInfo) -> dict | None:
         if not info.end_of_epoch:

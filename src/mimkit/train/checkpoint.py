@@ -175,7 +175,7 @@ def _load_sharded_whole(path: Path) -> dict:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         whole = Path(tmp) / "whole.pt"
         dcp_to_torch_save(path, whole)
-        tensors = torch.load(whole, map_location="cpu", weights_only=False)
+        tensors = read_file(whole)
     return {**meta, "model": tensors["model"], "optimizer": tensors["optimizer"]}
 
 
