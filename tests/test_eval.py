@@ -140,6 +140,17 @@ def test_every_protocol_runs_on_a_demo_checkpoint(demo_checkpoint, protocol, ext
         assert len(list((tmp_path / "checkpoints").glob("checkpoint-*.pt"))) >= 1
 
 
+def test_eval_reads_every_source_mimkit_load_reads(demo_checkpoint, tmp_path, capsys):
+    """A Hugging Face export of the checkpoint scores what the checkpoint scores (same encoder)."""
+    assert main(["export", str(demo_checkpoint), "--to", "hf", "--encoder-only", "--out", str(tmp_path / "hf")]) == 0
+    norm = ["data.mean=[0.4914, 0.4822, 0.4465]", "data.std=[0.247, 0.2435, 0.2616]", "data.limit=500"]
+    tops = []
+    for source, out in ((demo_checkpoint, tmp_path / "a"), (tmp_path / "hf", tmp_path / "b")):
+        assert main(["eval", "knn", str(source), *norm, f"out_dir={out}"]) == 0, capsys.readouterr().err
+        tops.append(json.loads((out / "results.json").read_text())["top1"])
+    assert tops[0] == tops[1] > 10.0
+
+
 def test_eval_errors_are_one_line(demo_checkpoint, capsys):
     assert main(["eval", "knn", str(demo_checkpoint), "probe.k=x"]) == 2
     assert capsys.readouterr().err == "mimkit: error: probe.k: expected int, got str 'x'\n"

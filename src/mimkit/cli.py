@@ -69,7 +69,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from mimkit.config import EvalConfig, load_eval_config
-    from mimkit.convert import read_file
+    from mimkit.convert import load, read_weights
     from mimkit.eval.run import evaluate
     from mimkit.viz import plot_run
 
@@ -78,15 +78,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     if args.checkpoint is None:
         raise ConfigError(f"eval {args.protocol} needs a checkpoint: mimkit eval {args.protocol} CHECKPOINT")
+    weights = read_weights(args.checkpoint)  # any source mimkit.load reads, read once
     # Unless told otherwise, evaluate on the pretraining data source with its normalisation.
-    state = read_file(args.checkpoint)
-    trained = state.get("config", {}).get("data", {}) if isinstance(state, dict) else {}
+    trained = weights.data
     base = {"data": {k: trained[k] for k in ("dataset", "root", "mean", "std", "cache_dir") if k in trained}}
     overrides = [f"checkpoint={args.checkpoint}", *args.overrides]
     if args.data is not None:
         overrides.insert(0, f"data.root={args.data}")
     cfg = load_eval_config(args.protocol, args.config, overrides, base=base)
-    result = evaluate(cfg, resume=args.resume)
+    result = evaluate(cfg, resume=args.resume, model=load(weights))
     if cfg.protocol != "knn":
         plot_run(cfg.out_dir)
     print(f"{cfg.protocol}: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  ({cfg.out_dir}/results.json)")

@@ -362,6 +362,8 @@ class Weights:
     """Set when the source stores its architecture (mimkit files): then `config` is complete."""
     config: dict = dataclasses.field(default_factory=dict)
     """The model config stored in the source (with `method`), else hints such as heads from config.json."""
+    data: dict = dataclasses.field(default_factory=dict)
+    """A mimkit training checkpoint's data config (what evaluation defaults to), else empty."""
 
 
 def _mimkit_entry(obj: object) -> tuple[str, dict] | None:
@@ -447,7 +449,7 @@ def read_weights(source: str | Path | Mapping) -> Weights:
             raise WeightsError(f"{name}: the 'mimkit' header entry is damaged ({type(e).__name__}: {e})") from None
     entry = _mimkit_entry(obj)
     if entry is not None:
-        return Weights(unwrap_official(obj["model"]), name, *entry)
+        return Weights(unwrap_official(obj["model"]), name, *entry, data=dict(obj["config"].get("data") or {}))
     hints = {}
     args = obj.get("args") if isinstance(obj, Mapping) else None
     if args is not None:  # an official MAE training checkpoint keeps its argparse Namespace
@@ -671,7 +673,7 @@ def resolve_architecture(weights: Weights, overrides: Mapping) -> tuple[str, dic
     return method, cfg | dict(overrides)
 
 
-def load(source: str | Path | Mapping, device: str | torch.device = "cpu", **overrides) -> nn.Module:
+def load(source: str | Path | Mapping | Weights, device: str | torch.device = "cpu", **overrides) -> nn.Module:
     """A ready model (eval mode) from any supported weights: a file, a Hugging Face directory or a
     state dict; see the module docstring for the formats.
 
@@ -680,7 +682,7 @@ def load(source: str | Path | Mapping, device: str | torch.device = "cpu", **ove
     resample the position embeddings (bicubic) to another resolution, `mask_ratio=`, ...
     Returns an `MAE` when there is a decoder, else a `VisionTransformer` (with its classifier, if any).
     """
-    weights = read_weights(source)
+    weights = source if isinstance(source, Weights) else read_weights(source)
     method, cfg = resolve_architecture(weights, overrides)
     grid = _target_grid(cfg)
     state = fit_pos_embed(weights.state, grid) if grid else weights.state

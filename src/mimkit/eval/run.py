@@ -141,13 +141,14 @@ def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, train_s
     return {**last, "best": best if best["top1"] >= 0 else dict(last), "steps": summary["step"]}
 
 
-def evaluate(cfg: EvalConfig, resume: str | None = None) -> dict:
-    """Run `cfg.protocol` on `cfg.checkpoint`; write results.json (metrics + resolved config) in out_dir."""
+def evaluate(cfg: EvalConfig, resume: str | None = None, model: nn.Module | None = None) -> dict:
+    """Run `cfg.protocol` on `cfg.checkpoint` (or on `model`, already loaded from it); write results.json
+    (metrics + resolved config) in out_dir."""
     from mimkit.eval import attentive, finetune, knn, linear  # each protocol imports this module
 
     run = {"knn": knn.run, "linprobe": linear.run, "attnprobe": attentive.run,
            "finetune": finetune.run}[cfg.protocol]
-    ctx = build_context(cfg)
+    ctx = build_context(cfg, model)
     result = run(ctx, resume=resume)
     result = {"protocol": cfg.protocol, "checkpoint": cfg.checkpoint, **result, "config": to_dict(cfg)}
     out = Path(cfg.out_dir)
