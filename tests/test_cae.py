@@ -13,8 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mimkit
 from mimkit.config import ConfigError, load_config
-from mimkit.convert import WeightsError, cae_config_from_official, cae_from_official, is_official_cae
+from mimkit.convert import WeightsError, cae_config_from_official, cae_from_official, is_official_cae, read_state
+from mimkit.export import export
 from mimkit.models import build_model
 from mimkit.models.vit import VisionTransformer
 from mimkit.targets import patchify, pixel_target, token_target
@@ -369,6 +371,20 @@ def test_encoder_exports_to_a_plain_vit_and_optimizer_metadata():
     assert torch.equal(vit.forward_features(imgs), model.forward_features(imgs))
     assert model.no_weight_decay() == {"pos_embed", "decoder_pos_embed"}  # official CAE decays cls and mask tokens
     assert model.layer_id("blocks.1.attn.q_bias") == 2 and model.layer_id("regressor_blocks.0.attn.q.weight") == 3
+
+
+def test_timm_export_folds_the_q_and_v_biases_into_a_plain_vit(tmp_path):
+    model = _randomize(_toy(decoder_embed_dim=8)).eval()
+    plain = VisionTransformer(**{**model.encoder_kwargs(), "qv_bias": False})  # timm's ViT with LayerScale
+    imgs = _imgs()
+    for name in ("cae.pth", "cae.safetensors"):
+        export(model, tmp_path / name, "timm")
+        state = read_state(tmp_path / name)
+        assert sorted(state) == sorted(plain.state_dict())  # qkv.bias, no q_bias / v_bias
+        q_bias, v_bias = model.blocks[0].attn.q_bias, model.blocks[0].attn.v_bias
+        assert torch.equal(state["blocks.0.attn.qkv.bias"], torch.cat([q_bias, torch.zeros_like(q_bias), v_bias]))
+        loaded = mimkit.load(tmp_path / name, num_heads=model.cfg.num_heads)
+        torch.testing.assert_close(loaded.forward_features(imgs), model.forward_features(imgs), rtol=0, atol=1e-6)
 
 
 def test_pictures_show_block_masks_and_the_masked_predictions_only():

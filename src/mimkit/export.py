@@ -4,7 +4,8 @@ Targets (`export(model, out, to)`, `mimkit export CKPT --to ...`):
   timm         the encoder as a timm `VisionTransformer` state dict (`.pth`, or `.safetensors` by
                suffix): `pos_embed` (1, 1 + N, D) with the cls row first; `head.*` only when the
                model has a classifier, `fc_norm.*` instead of `norm.*` when it pools by averaging.
-               A decoder is never included (timm's ViT has none).
+               A decoder is never included (timm's ViT has none). CAE's query and value biases
+               become the equivalent `attn.qkv.bias` (zero key part), which timm's ViT has.
   official     `{"model": state dict, "method", "config"}` saved with torch.save: the layout of the
                official MAE checkpoints (`checkpoint["model"]` loads into `models_mae` or
                `models_vit` with strict=True), decoder included; the extra entries let `mimkit.load`
@@ -59,18 +60,34 @@ def _save_safetensors(state: dict[str, Tensor], path: Path, metadata: dict[str, 
 
 
 def timm_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The encoder's weights under timm's `VisionTransformer` names (see the module docstring)."""
-    return encoder_of(model).state_dict()
+    """The encoder's weights under timm's `VisionTransformer` names (see the module docstring).
+
+    BEiT-style query and value biases without a key bias (CAE's `attn.q_bias`, `attn.v_bias`), which
+    timm's ViT does not have, become the equivalent fused `attn.qkv.bias` = [q_bias, 0, v_bias]."""
+    source = encoder_of(model).state_dict()
+    state = {}
+    for key, value in source.items():
+        if key.endswith((".attn.q_bias", ".attn.v_bias")):
+            continue
+        state[key] = value
+        q_bias = key.replace("qkv.weight", "q_bias")
+        if key.endswith(".attn.qkv.weight") and q_bias in source:
+            q, v = source[q_bias], source[key.replace("qkv.weight", "v_bias")]
+            state[key.replace("weight", "bias")] = torch.cat([q, torch.zeros_like(q), v])
+    return state
 
 
 def save_timm(model: nn.Module, path: str | Path) -> Path:
     """timm state dict: torch.save of the bare dict, or safetensors (with the `mimkit` header) by suffix."""
     path = Path(path)
-    encoder = encoder_of(model)
+    state = timm_state_dict(model)
     if path.suffix == ".safetensors":
-        _save_safetensors(encoder.state_dict(), path, _header(*architecture_of(encoder)))
+        method, cfg = architecture_of(encoder_of(model))
+        if cfg.pop("qv_bias", False):  # folded into qkv.bias: the file holds a plain ViT
+            cfg["qkv_bias"] = True
+        _save_safetensors(state, path, _header(method, cfg))
     else:
-        torch.save(encoder.state_dict(), path)
+        torch.save(state, path)
     return path
 
 
