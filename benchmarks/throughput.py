@@ -9,7 +9,9 @@ drift hits both alike; the reported figure is the median over rounds. Achieved G
 matmul/conv/attention FLOPs of one step with `torch.utils.flop_counter` and is compared with a
 measured fp32 matmul peak on the same machine in the same run. `mimkit_compiled` is the same model
 with every block under `torch.compile` (what `train.compile=true` does); its compilation happens in
-the warm-up step, outside the timing, and is reported as `compile_s`.
+the warm-up step, outside the timing, and is reported as `compile_s`. The process keeps freed
+memory for reuse, as `mimkit pretrain` does on the CPU (`train.keep_memory`, `mimkit.train.malloc`):
+a process-wide setting that every implementation's steps enjoy alike (`--no-keep-memory`: off).
 
     python benchmarks/throughput.py                      # every config
     python benchmarks/throughput.py --configs cifar_tiny --rounds 3
@@ -33,6 +35,7 @@ from common import machine, write_report
 from mimkit.convert import hf_config_from_mae, mae_to_hf
 from mimkit.models import build_model
 from mimkit.train.loop import compile_blocks
+from mimkit.train.malloc import keep_freed_memory
 
 CONFIGS = {
     "cifar_tiny": dict(model=dict(preset="mae_vit_tiny_cifar_patch4"), batch=128),
@@ -171,6 +174,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="bf16: every forward under bf16 autocast, peak measured in bf16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of mimkit")
+    parser.add_argument("--no-keep-memory", action="store_true",
+                        help="leave glibc's malloc at its defaults (memory returned to the OS at every step)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: cifar_tiny at batch 8, one round of one step, a 1-second peak")
     args = parser.parse_args()
@@ -180,9 +185,10 @@ def main() -> None:
     suffix = ("_quick" if args.quick else "") + ("_bf16" if args.precision == "bf16" else "")
     out = Path(args.out or f"benchmarks/results/throughput{suffix}.json")
 
+    kept = not args.no_keep_memory and keep_freed_memory()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak = matmul_peak(seconds=1.0 if args.quick else 3.0, dtype=dtype)
-    report = {**machine(), "precision": args.precision, "matmul_peak_gflops": peak, "configs": {}}
+    report = {**machine(), "keep_memory": kept, "precision": args.precision, "matmul_peak_gflops": peak, "configs": {}}
     print(f"{args.precision} matmul peak: {peak:.1f} GFLOP/s ({report['machine']})")
     print(f"{'config':<11} {'implementation':<20} {'images/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'vs best ref':>11}")
     for name in args.configs:

@@ -117,6 +117,9 @@ class TrainConfig:
     """`torch.compile` each transformer block (the first steps are slow while it compiles)."""
     grad_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them: less memory, ~1/3 more compute."""
+    keep_memory: bool = True
+    """On the CPU, reuse the memory a step frees in the next step instead of returning it to the OS and
+    faulting it back in (glibc malloc settings, see `mimkit.train.malloc`); the process keeps its peak size."""
 
     def __post_init__(self) -> None:
         check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))

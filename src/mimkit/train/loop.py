@@ -34,6 +34,7 @@ from mimkit.models import METHODS, resolve_model_config, resolved_config
 from mimkit.train import checkpoint, dist
 from mimkit.train.dist import is_main, pick_device, process_group
 from mimkit.train.log import MetricsLog, progress
+from mimkit.train.malloc import keep_freed_memory
 from mimkit.train.optim import build_adamw, cosine_lr, set_lr
 from mimkit.viz import reconstruction_grid, save_png
 
@@ -155,6 +156,8 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
     generator = torch.Generator().manual_seed(t.seed + 1 + rank)
     if world > 1:
         torch.manual_seed(t.seed + 1 + rank)
+    if t.keep_memory and device.type == "cpu":
+        keep_freed_memory()
     if t.grad_checkpointing:
         checkpoint_blocks(model)
     if t.compile:
