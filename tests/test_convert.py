@@ -3,7 +3,9 @@ errors; the `convert` / `export` commands; feature extraction."""
 
 import argparse
 import json
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from mimkit.convert import (
     load,
     load_weights,
     mae_to_hf,
+    read_file,
     read_weights,
 )
 from mimkit.export import export, timm_state_dict
@@ -400,6 +403,22 @@ def test_files_that_pickle_code_are_refused_and_never_run(tmp_path):
     msg = _one_paragraph(e)
     assert "evil.pth: holds pickled io.open, which could run code when loaded" in msg
     assert "If you trust the file" in msg and not marker.exists()
+
+
+def test_checkpoints_pickled_under_either_numpy_major_version_load(tmp_path):
+    """mimkit checkpoints keep NumPy's random state; NumPy 1 and 2 name its rebuild function differently."""
+    state = np.random.get_state()
+    torch.save({"model": {}, "step": 1, "rng": state}, tmp_path / "np2.pt")
+    with zipfile.ZipFile(tmp_path / "np2.pt") as src, zipfile.ZipFile(tmp_path / "np1.pt", "w") as out:
+        for info in src.infolist():  # rename the pickled global as NumPy 1 writes it
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+            out.writestr(info, data)
+    assert b"cnumpy.core.multiarray" in zipfile.ZipFile(tmp_path / "np1.pt").read("np2/data.pkl")
+    for name in ("np1.pt", "np2.pt"):
+        keys = read_file(tmp_path / name)["rng"][1]
+        assert isinstance(keys, np.ndarray) and np.array_equal(keys, state[1])
 
 
 def test_corrupt_files_get_a_clear_error(tmp_path):

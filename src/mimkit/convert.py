@@ -269,7 +269,12 @@ def _safe_globals() -> list:
 
     import numpy as np
 
-    return [argparse.Namespace, np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+    reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
+    allowed = [argparse.Namespace, np.ndarray, np.dtype, reconstruct]
+    if hasattr(np, "dtypes"):  # NumPy >= 1.25 pickles a dtype's class
+        allowed.append(np.dtypes.UInt32DType)
+    # A file written under the other major version of NumPy names `_reconstruct` by its other path.
+    return allowed + [(reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("core", "_core")]
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -278,7 +283,7 @@ def _unsafe_globals(path: Path) -> list[str]:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a zip archive at all: the caller reports corruption
         return []
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()}
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()}
     return [g for g in found if g not in allowed]
 
 
