@@ -80,9 +80,10 @@ def timm_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def save_timm(model: nn.Module, path: str | Path) -> Path:
     """timm state dict: torch.save of the bare dict, or safetensors (with the `mimkit` header) by suffix."""
     path = Path(path)
-    state = timm_state_dict(model)
+    encoder = encoder_of(model)  # built once: timm_state_dict takes a bare encoder as it is
+    state = timm_state_dict(encoder)
     if path.suffix == ".safetensors":
-        method, cfg = architecture_of(encoder_of(model))
+        method, cfg = architecture_of(encoder)
         if cfg.pop("qv_bias", False):  # folded into qkv.bias: the file holds a plain ViT
             cfg["qkv_bias"] = True
         _save_safetensors(state, path, _header(method, cfg))
