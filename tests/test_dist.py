@@ -28,6 +28,7 @@ PRETRAIN = [
     "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_num_heads=2", "model.norm_pix_loss=true",
     "data.limit=64", "data.num_workers=0", "train.batch_size=8", "train.blr=4e-3", "train.warmup_epochs=0.5",
     "train.epochs=2", "train.log_every=2", "train.ckpt_every=2", "train.vis_images=2",
+    "monitor.every_epochs=1", "monitor.bank_size=41", "monitor.query_size=15",
 ]
 RECIPE = "configs/pretrain/mae_vit_tiny_cifar10.yaml"
 CRASH_AT = 5  # rank 1 dies after step 5 of the first attempt; the checkpoint of step 4 is the last one
@@ -76,12 +77,27 @@ def fit_per_sample(out: Path, strategy: str, batch_size: int, accum_steps: int) 
     return fit(model, per_sample_loss, Indexed(), optimizer, t, out_dir=out, config={}, kind="test")
 
 
+def extract_in_shares(out: Path) -> None:
+    """Features of 9 images, 2 per batch (rank 0: 3 batches, rank 1: 2), from the model as it is and
+    sharded by FSDP2; every rank saves what it got."""
+    from mimkit.data import normalize
+    from mimkit.eval.features import extract
+    from mimkit.train.dist import rank, wrap
+
+    data = torch.utils.data.Subset(Indexed(), range(9))
+    torch.manual_seed(0)
+    model = build_tiny()
+    plain = extract(model, data, normalize, pool="mean", batch_size=2)
+    wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), "fsdp", torch.device("cpu"))
+    sharded = extract(model, data, normalize, pool="mean", batch_size=2)
+    torch.save({"plain": plain, "fsdp": sharded}, out / f"extract-{rank()}.pt")
+
+
 def worker(job: str, out: Path, cache: str) -> None:
     import torch.distributed as dist
 
-    from mimkit.config import load_config
+    from mimkit import cli
     from mimkit.train.dist import process_group
-    from mimkit.train.loop import pretrain
 
     logging.basicConfig(level=logging.INFO, format="mimkit: %(message)s")
     cache = f"data.cache_dir={cache}"
@@ -89,15 +105,14 @@ def worker(job: str, out: Path, cache: str) -> None:
         with process_group(torch.device("cpu")):
             fit_per_sample(out / "ddp", "ddp", batch_size=2, accum_steps=2)
             fit_per_sample(out / "fsdp", "fsdp", batch_size=2, accum_steps=2)
-            for strategy in ("ddp", "fsdp"):
-                cfg = load_config(RECIPE, [*PRETRAIN, cache, f"out_dir={out / f'full_{strategy}'}",
-                                           f"train.strategy={strategy}"])
-                pretrain(cfg)
+            extract_in_shares(out)
+            for strategy in ("ddp", "fsdp"):  # the command line, which adds the kNN monitor's hook
+                args = [*PRETRAIN, cache, f"out_dir={out / f'full_{strategy}'}", f"train.strategy={strategy}"]
+                assert cli.main(["pretrain", RECIPE, *args]) == 0
     elif job == "crash":
         # The command line `mimkit pretrain RECIPE ... --resume auto` with one more hook, for DDP and then
         # FSDP: attempt 0 loses rank 1 in the DDP job; attempt 1 finishes it and loses rank 1 in the FSDP
         # job; attempt 2 finds the DDP job done and finishes the FSDP one.
-        from mimkit import cli
         from mimkit.train import loop
 
         attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
@@ -208,6 +223,43 @@ def test_fsdp2_gives_the_same_weights_as_ddp(equal_runs):
     ddp = weights(equal_runs / "ddp" / "checkpoints" / f"checkpoint-{STEPS:08d}.pt")
     assert max_difference(state["model"], ddp) < 1e-5
     assert losses(equal_runs / "fsdp") == pytest.approx(losses(equal_runs / "ddp"), abs=1e-5)
+
+
+def test_features_are_extracted_in_shares_and_every_rank_gets_all_of_them(equal_runs):
+    """Under torchrun each process embeds its share of a dataset (here unequal: 5 and 4 images, 3 and 2
+    batches; the short rank embeds an empty batch so that FSDP's weight gathers stay paired) and every
+    process gets every image's features, as one process computes them."""
+    from mimkit.data import normalize
+    from mimkit.eval.features import extract
+
+    torch.manual_seed(0)
+    alone, alone_labels = extract(build_tiny(), torch.utils.data.Subset(Indexed(), range(9)), normalize, pool="mean")
+    assert alone_labels.tolist() == list(range(9))
+    for r in range(2):
+        got = torch.load(equal_runs / f"extract-{r}.pt")
+        for strategy in ("plain", "fsdp"):
+            feats, labels = got[strategy]
+            assert sorted(labels.tolist()) == list(range(9)), (r, strategy)
+            assert torch.allclose(feats[labels.argsort()], alone, atol=1e-5), (r, strategy)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_knn_monitor_shares_its_work_and_logs_what_one_process_computes(strategy, equal_runs):
+    """`monitor.every_epochs=1` in a two-process pretraining: kNN top-1 is logged at the end of both
+    epochs and, at the last one, equals the monitor run alone on the final weights."""
+    from mimkit import load
+    from mimkit.config import load_config
+    from mimkit.eval.knn import KNNMonitor
+    from mimkit.train.log import read_metrics
+    from mimkit.train.loop import StepInfo
+
+    run = equal_runs / f"full_{strategy}"
+    logged = [r for r in read_metrics(run / "metrics.jsonl") if "knn_top1" in r]
+    assert [r["step"] for r in logged] == [STEPS // 2, STEPS]
+    cfg = load_config(run / "config.yaml")
+    model = load(run / "checkpoints" / (f"checkpoint-{STEPS:08d}" + (".pt" if strategy == "ddp" else "")))
+    alone = KNNMonitor.from_config(cfg)(StepInfo(STEPS, 1, STEPS // 2, True, model))
+    assert logged[-1]["knn_top1"] == pytest.approx(alone["knn_top1"], abs=1e-6)
 
 
 def _same_run(a: Path, b: Path, last: str) -> None:

@@ -13,7 +13,8 @@ weights: it comes from `config.json` when there is one, else from the standard w
 table (`HEADS`), and the caller can always say `num_heads=`.
 
 Formats read (see `read_weights`; the export side is `mimkit.export`):
-  - mimkit training checkpoints (`{"model", "method", "config"}`) and the files `mimkit convert`
+  - mimkit training checkpoints (`{"model", "method", "config"}`; FSDP's sharded checkpoint
+    directories are gathered whole) and the files `mimkit convert`
     and `mimkit export --to official|safetensors` write (the config travels with the weights);
   - official MAE checkpoints under a `model` key: `mae_pretrain_vit_*.pth` (encoder),
     `mae_visualize_vit_*.pth` (encoder + decoder: an `MAE`), `mae_finetuned_vit_*.pth`
@@ -438,9 +439,13 @@ def read_weights(source: str | Path | Mapping) -> Weights:
     else:
         path = Path(source)
         name = str(path)
-        if path.is_dir():
+        if path.is_dir() and (path / ".metadata").is_file():  # a sharded (FSDP) training checkpoint
+            from mimkit.train.checkpoint import load as load_checkpoint
+
+            obj, meta = load_checkpoint(path), {}
+        elif path.is_dir():
             return _read_hf_dir(path)
-        if path.suffix == ".safetensors":
+        elif path.suffix == ".safetensors":
             obj, meta = read_safetensors(path)
             if "mimkit" not in meta and (path.parent / "config.json").is_file() and _is_hf(obj):  # in a HF dir
                 return _read_hf_dir(path.parent)

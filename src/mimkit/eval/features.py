@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, Subset
 
-from mimkit.data import Sample, make_loader
+from mimkit.data import Sample, make_loader, set_epoch
+from mimkit.train import dist
 
 POOLS = ("cls", "mean", "tokens")
 
@@ -53,16 +54,32 @@ class FeatureSet(Dataset):
 
 def extract(model: nn.Module, dataset: Dataset, transform, pool: str = "cls", batch_size: int = 256,
             num_workers: int = 0) -> tuple[Tensor, Tensor]:
-    """Features of a whole dataset in its order: (N, D) or (N, K, D) and labels (N,).
+    """Features of a whole dataset: (N, D) or (N, K, D) and labels (N,).
 
     `transform` maps a uint8 batch (B, 3, S, S) to the model's normalised input. Unreadable files
-    are left out (the loader reports them)."""
+    are left out (the loader reports them). In one process the rows are in the dataset's order.
+    Under torchrun every process calls it (a collective): each embeds its own share and every
+    process gets all the rows, grouped by rank (an order that kNN and probes ignore)."""
     device = next(model.parameters()).device
-    loader = make_loader(dataset, batch_size, seed=0, shuffle=False, drop_last=False, num_workers=num_workers)
-    loader.sampler.set_epoch(0)
-    feats, labels = [], []
-    for batch in loader:
-        if batch["images"].shape[0]:
-            feats.append(features(model, transform(batch["images"].to(device)), pool).float().cpu())
+    rank, world = dist.rank(), dist.world_size()
+    if world > 1 and not isinstance(dataset, IterableDataset):
+        dataset, rank, world = Subset(dataset, range(rank, len(dataset), world)), 0, 1
+    loader = make_loader(dataset, batch_size, seed=0, shuffle=False, drop_last=False, num_workers=num_workers,
+                         rank=rank, world_size=world)
+    set_epoch(loader, 0)
+    size = model.patch_embed.img_size
+    feats, labels, batches = [], [], iter(loader)
+    # Shares can differ by a batch; a process whose share is done (or whose batch was all unreadable)
+    # embeds an empty batch, so that FSDP's weight gathers in forward stay paired across processes.
+    while dist.any_rank((batch := next(batches, None)) is not None):
+        empty = batch is None or not batch["images"].shape[0]
+        imgs = torch.zeros(0, 3, size, size, device=device) if empty else transform(batch["images"].to(device))
+        out = features(model, imgs, pool)
+        if not empty:
+            feats.append(out.float().cpu())
             labels.append(batch["labels"])
-    return torch.cat(feats), torch.cat(labels)
+    shares = dist.all_gather_objects((torch.cat(feats) if feats else None, torch.cat(labels) if labels else None))
+    shares = [share for share in shares if share[0] is not None]
+    if not shares:
+        raise ValueError("no readable image to extract features from: the loader skipped every file")
+    return torch.cat([f for f, _ in shares]), torch.cat([y for _, y in shares])

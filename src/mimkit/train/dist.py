@@ -143,6 +143,15 @@ def gather_objects(obj) -> list | None:
     return out
 
 
+def all_gather_objects(obj) -> list:
+    """Every process's `obj`, in rank order, on every process; `[obj]` alone."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
