@@ -31,6 +31,14 @@ PRETRAIN = [
     "monitor.every_epochs=1", "monitor.bank_size=41", "monitor.query_size=15",
 ]
 RECIPE = "configs/pretrain/mae_vit_tiny_cifar10.yaml"
+# `mimkit eval` under torchrun on the DDP pretraining's last checkpoint: kNN, a linear probe on cached
+# features (DDP) and fine-tuning with FSDP; on the CIFAR subset's 200 first training images.
+EVALS = {
+    "knn": ["data.limit=200"],
+    "linprobe": ["probe.augment=false", "train.epochs=2", "data.limit=200", "train.batch_size=32"],
+    "finetune": ["train.epochs=1", "data.limit=64", "train.batch_size=16", "train.strategy=fsdp"],
+}
+LAST = f"checkpoint-{STEPS:08d}.pt"
 CRASH_AT = 5  # rank 1 dies after step 5 of the first attempt; the checkpoint of step 4 is the last one
 
 
@@ -109,6 +117,9 @@ def worker(job: str, out: Path, cache: str) -> None:
             for strategy in ("ddp", "fsdp"):  # the command line, which adds the kNN monitor's hook
                 args = [*PRETRAIN, cache, f"out_dir={out / f'full_{strategy}'}", f"train.strategy={strategy}"]
                 assert cli.main(["pretrain", RECIPE, *args]) == 0
+            for protocol, args in EVALS.items():
+                args = [*args, cache, f"out_dir={out / f'eval_{protocol}'}"]
+                assert cli.main(["eval", protocol, str(out / "full_ddp" / "checkpoints" / LAST), *args]) == 0
     elif job == "crash":
         # The command line `mimkit pretrain RECIPE ... --resume auto` with one more hook, for DDP and then
         # FSDP: attempt 0 loses rank 1 in the DDP job; attempt 1 finishes it and loses rank 1 in the FSDP
@@ -244,10 +255,12 @@ def test_features_are_extracted_in_shares_and_every_rank_gets_all_of_them(equal_
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_the_knn_monitor_shares_its_work_and_logs_what_one_process_computes(strategy, equal_runs):
+def test_the_knn_monitor_shares_its_work_and_logs_what_one_process_computes(strategy, equal_runs, tmp_path):
     """`monitor.every_epochs=1` in a two-process pretraining: kNN top-1 is logged at the end of both
-    epochs and, at the last one, equals the monitor run alone on the final weights."""
+    epochs and, at the last one, equals the monitor run alone on the final weights (read from the
+    checkpoint, a directory of shards for FSDP, which `mimkit visualize` also reads)."""
     from mimkit import load
+    from mimkit.cli import main
     from mimkit.config import load_config
     from mimkit.eval.knn import KNNMonitor
     from mimkit.train.log import read_metrics
@@ -257,9 +270,40 @@ def test_the_knn_monitor_shares_its_work_and_logs_what_one_process_computes(stra
     logged = [r for r in read_metrics(run / "metrics.jsonl") if "knn_top1" in r]
     assert [r["step"] for r in logged] == [STEPS // 2, STEPS]
     cfg = load_config(run / "config.yaml")
-    model = load(run / "checkpoints" / (f"checkpoint-{STEPS:08d}" + (".pt" if strategy == "ddp" else "")))
+    last = run / "checkpoints" / (f"checkpoint-{STEPS:08d}" + (".pt" if strategy == "ddp" else ""))
+    model = load(last)
+    assert main(["visualize", str(last), "--num", "2", "--out", str(tmp_path / "recon.png")]) == 0
+    assert (tmp_path / "recon.png").stat().st_size > 1000
     alone = KNNMonitor.from_config(cfg)(StepInfo(STEPS, 1, STEPS // 2, True, model))
     assert logged[-1]["knn_top1"] == pytest.approx(alone["knn_top1"], abs=1e-6)
+
+
+def test_eval_under_torchrun_scores_what_one_process_scores(equal_runs, cache, tmp_path):
+    """`mimkit eval` started by torchrun: the processes share feature extraction and validation, train
+    through DDP or FSDP, and rank 0 writes results.json and best.pt. kNN gives the top-1 of one
+    process; the fine-tuned (FSDP) best.pt, gathered whole, scores in one process what was reported."""
+    import json
+
+    from mimkit import load
+    from mimkit.cli import main
+    from mimkit.data import EvalTransform, build_dataset
+    from mimkit.eval.run import predict
+
+    results = {p: json.loads((equal_runs / f"eval_{p}" / "results.json").read_text()) for p in EVALS}
+    ckpt = str(equal_runs / "full_ddp" / "checkpoints" / LAST)
+    assert main(["eval", "knn", ckpt, *EVALS["knn"], f"data.cache_dir={cache}", f"out_dir={tmp_path}"]) == 0
+    alone = json.loads((tmp_path / "results.json").read_text())
+    assert results["knn"]["top1"] == pytest.approx(alone["top1"], abs=1e-6)
+    assert results["knn"]["bank"] == alone["bank"] == 200 and results["knn"]["queries"] == alone["queries"]
+    for protocol in ("linprobe", "finetune"):
+        assert results[protocol]["steps"] == {"linprobe": 2 * 200 // 64, "finetune": 64 // 32}[protocol]
+        assert (equal_runs / f"eval_{protocol}" / "best.pt").is_file()
+    classifier = load(equal_runs / "eval_finetune" / "best.pt").eval()
+    val = build_dataset("cifar10", "builtin", "test", img_size=32, cache_dir=cache)
+    transform = EvalTransform(32, crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+    scored = predict(classifier, val, transform, 64, "cpu", torch.zeros(0, 3, 32, 32))
+    assert results["finetune"]["best"]["top1"] == pytest.approx(scored["top1"], abs=1e-6)
+    assert results["finetune"]["top1"] == pytest.approx(scored["top1"], abs=1e-6)  # one epoch: best = last
 
 
 def _same_run(a: Path, b: Path, last: str) -> None:

@@ -87,6 +87,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         overrides.insert(0, f"data.root={args.data}")
     cfg = load_eval_config(args.protocol, args.config, overrides, base=base)
     result = evaluate(cfg, resume=args.resume, model=load(weights))
+    from mimkit.train.dist import is_main
+
+    if not is_main():  # under torchrun every process gets here; one writes
+        return
     if cfg.protocol != "knn":
         plot_run(cfg.out_dir)
     print(f"{cfg.protocol}: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  ({cfg.out_dir}/results.json)")
@@ -101,17 +105,15 @@ def cmd_plot(args: argparse.Namespace) -> None:
 def cmd_visualize(args: argparse.Namespace) -> None:
     import torch
 
-    from mimkit.config import from_dict, to_dict
-    from mimkit.convert import load, read_file
+    from mimkit.config import from_dict
+    from mimkit.convert import load, read_weights
     from mimkit.data import EvalTransform, build_dataset
     from mimkit.viz import save_reconstruction
 
-    state = read_file(args.checkpoint)  # read once: the weights and the data settings they were trained on
-    model = load(state)
-    d = from_dict(DataConfig, state["config"]["data"], prefix="data.")
-    data = to_dict(d) | {k: v for k, v in (("root", args.data), ("dataset", args.dataset), ("split", args.split))
-                         if v is not None}
-    d = from_dict(DataConfig, data, prefix="data.")
+    weights = read_weights(args.checkpoint)  # read once: the weights and the data settings they were trained on
+    model = load(weights)
+    given = {k: v for k, v in (("root", args.data), ("dataset", args.dataset), ("split", args.split)) if v is not None}
+    d = from_dict(DataConfig, weights.data | given, prefix="data.")
     dataset = build_dataset(d.dataset, d.root, d.split, img_size=model.img_size, load_size=d.load_size,
                             strict=False, cache_dir=d.cache_dir, limit=0)
     g = torch.Generator().manual_seed(args.seed)
@@ -200,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("visualize", help="write a reconstruction picture for a checkpoint")
-    p.add_argument("checkpoint", help="a mimkit checkpoint (.pt)")
+    p.add_argument("checkpoint", help="a mimkit checkpoint (a file, or FSDP's directory) or other MAE weights "
+                   "with an encoder and a decoder (then --data)")
     p.add_argument("--data", default=None, help="images to show: a folder or CIFAR source (default: the training data)")
     p.add_argument("--dataset", default=None, choices=["cifar10", "folder"], help="kind of --data")
     p.add_argument("--split", default=None, choices=["train", "test"], help="split to draw from")

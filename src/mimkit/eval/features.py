@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset, Subset
@@ -52,34 +54,42 @@ class FeatureSet(Dataset):
         return Sample(self.feats[i], int(self.labels[i]), f"feature {i}")
 
 
-def extract(model: nn.Module, dataset: Dataset, transform, pool: str = "cls", batch_size: int = 256,
-            num_workers: int = 0) -> tuple[Tensor, Tensor]:
-    """Features of a whole dataset: (N, D) or (N, K, D) and labels (N,).
+def in_shares(dataset: Dataset, fn: Callable[[Tensor], Tensor], *, batch_size: int, empty: Tensor,
+              transform=None, device: torch.device | str = "cpu", num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    """`fn` (a batch -> rows) over a whole dataset in order: (rows, labels (N,)).
 
-    `transform` maps a uint8 batch (B, 3, S, S) to the model's normalised input. Unreadable files
-    are left out (the loader reports them). In one process the rows are in the dataset's order.
-    Under torchrun every process calls it (a collective): each embeds its own share and every
-    process gets all the rows, grouped by rank (an order that kNN and probes ignore)."""
-    device = next(model.parameters()).device
+    Each batch goes to `device` and through `transform` (if given) before `fn`. Unreadable files are
+    left out (the loader reports them). Under torchrun every process calls this (a collective): each
+    maps its share, calling `fn(empty)` when its share is done or a batch was all unreadable so that
+    FSDP's weight gathers in forward stay paired across processes, and every process gets all the rows,
+    grouped by rank (an order that accuracy, kNN and probes ignore)."""
     rank, world = dist.rank(), dist.world_size()
     if world > 1 and not isinstance(dataset, IterableDataset):
         dataset, rank, world = Subset(dataset, range(rank, len(dataset), world)), 0, 1
     loader = make_loader(dataset, batch_size, seed=0, shuffle=False, drop_last=False, num_workers=num_workers,
                          rank=rank, world_size=world)
     set_epoch(loader, 0)
-    size = model.patch_embed.img_size
-    feats, labels, batches = [], [], iter(loader)
-    # Shares can differ by a batch; a process whose share is done (or whose batch was all unreadable)
-    # embeds an empty batch, so that FSDP's weight gathers in forward stay paired across processes.
+    rows, labels, batches = [], [], iter(loader)
     while dist.any_rank((batch := next(batches, None)) is not None):
-        empty = batch is None or not batch["images"].shape[0]
-        imgs = torch.zeros(0, 3, size, size, device=device) if empty else transform(batch["images"].to(device))
-        out = features(model, imgs, pool)
-        if not empty:
-            feats.append(out.float().cpu())
-            labels.append(batch["labels"])
-    shares = dist.all_gather_objects((torch.cat(feats) if feats else None, torch.cat(labels) if labels else None))
-    shares = [share for share in shares if share[0] is not None]
+        if batch is None or not batch["images"].shape[0]:
+            fn(empty)
+            continue
+        x = batch["images"].to(device)
+        rows.append(fn(transform(x) if transform is not None else x).float().cpu())
+        labels.append(batch["labels"])
+    shares = dist.all_gather_objects((torch.cat(rows), torch.cat(labels)) if rows else None)
+    shares = [share for share in shares if share is not None]
     if not shares:
-        raise ValueError("no readable image to extract features from: the loader skipped every file")
-    return torch.cat([f for f, _ in shares]), torch.cat([y for _, y in shares])
+        raise ValueError("no readable image in the dataset: the loader skipped every file")
+    return torch.cat([r for r, _ in shares]), torch.cat([y for _, y in shares])
+
+
+def extract(model: nn.Module, dataset: Dataset, transform, pool: str = "cls", batch_size: int = 256,
+            num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    """Features of a whole dataset: (N, D) or (N, K, D) and labels (N,), in the dataset's order in
+    one process (see `in_shares` for torchrun). `transform` maps a uint8 batch (B, 3, S, S) to the
+    model's normalised input."""
+    device = next(model.parameters()).device
+    size = model.patch_embed.img_size
+    return in_shares(dataset, lambda x: features(model, x, pool), batch_size=batch_size, transform=transform,
+                     empty=torch.zeros(0, 3, size, size, device=device), device=device, num_workers=num_workers)

@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from mimkit.config import EvalConfig, to_dict
 from mimkit.convert import load, read_file
-from mimkit.data import EvalTransform, PretrainAugment, build_dataset, make_loader
-from mimkit.eval.features import FeatureSet, extract, features
+from mimkit.data import EvalTransform, PretrainAugment, build_dataset
+from mimkit.eval.features import FeatureSet, extract, features, in_shares
 from mimkit.models.vit import VisionTransformer, resample_pos_embed
-from mimkit.train.dist import pick_device
+from mimkit.train.dist import full_state_dict, is_main, pick_device, process_group
 from mimkit.train.loop import StepInfo, fit
 
 log = logging.getLogger("mimkit")
@@ -93,18 +93,14 @@ def accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> di
     return {f"top{k}": 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
-def predict(forward: Callable[[Tensor], Tensor], dataset, transform, batch_size: int, device) -> dict[str, float]:
-    """Top-1/top-5 of `forward` (normalised images or features -> logits) on a dataset, in eval mode."""
-    loader = make_loader(dataset, batch_size, seed=0, shuffle=False, drop_last=False)
-    loader.sampler.set_epoch(0)
-    scores, labels = [], []
+def predict(forward: Callable[[Tensor], Tensor], dataset, transform, batch_size: int, device,
+            empty: Tensor) -> dict[str, float]:
+    """Top-1/top-5 of `forward` (normalised images or features -> logits) on a dataset, in eval mode.
+    Under torchrun a collective: every process scores its share (`empty`: see `in_shares`)."""
     with torch.no_grad():
-        for batch in loader:
-            if batch["images"].shape[0]:
-                x = batch["images"].to(device)
-                scores.append(forward(transform(x) if transform else x).float().cpu())
-                labels.append(batch["labels"])
-    return accuracy(torch.cat(scores), torch.cat(labels))
+        scores, labels = in_shares(dataset, forward, batch_size=batch_size, empty=empty, transform=transform,
+                                   device=device)
+    return accuracy(scores, labels)
 
 
 def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, train_set, val_forward, val_set,
@@ -118,26 +114,36 @@ def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, train_s
     if resume is not None and best_path.exists():  # the best epoch of the run being resumed
         best = read_file(best_path)["best"]
 
+    size = ctx.encoder.img_size
+    empty = val_set.feats[:0] if isinstance(val_set, FeatureSet) else torch.zeros(0, 3, size, size)
+    empty = empty.to(ctx.device)
+    # A fine-tuned classifier's best.pt names its architecture, so that `mimkit.load` rebuilds it as it is.
+    entry = {"config": to_dict(cfg)}
+    if isinstance(model, VisionTransformer):
+        entry = {"method": "vit", "config": {**entry["config"], "model": model.arch}}
+
     def validate(info: StepInfo) -> dict | None:
         if not info.end_of_epoch:
             return None
         model.eval()
-        metrics = predict(val_forward, val_set, val_transform, cfg.train.batch_size, ctx.device)
+        metrics = predict(val_forward, val_set, val_transform, cfg.train.batch_size, ctx.device, empty)
         model.train()
-        if metrics["top1"] > best["top1"]:
+        if metrics["top1"] > best["top1"]:  # the same metrics, so the same decision, in every process
             best.clear()
             best.update(metrics, epoch=info.epoch + 1)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = best_path.with_suffix(".pt.tmp")
-            torch.save({"model": model.state_dict(), "best": dict(best), "config": to_dict(cfg)}, tmp)
-            os.replace(tmp, best_path)
+            state = full_state_dict(model)
+            if is_main():
+                out_dir.mkdir(parents=True, exist_ok=True)
+                tmp = best_path.with_suffix(".pt.tmp")
+                torch.save({"model": state, "best": dict(best), **entry}, tmp)
+                os.replace(tmp, best_path)
         return {f"val_{k}": v for k, v in metrics.items()}
 
     summary = fit(model, loss_fn, train_set, optimizer, cfg.train, out_dir=out_dir, config=to_dict(cfg),
                   kind=kind, strict=cfg.data.strict, num_workers=cfg.data.num_workers, resume=resume,
                   hooks=[validate])
     model.eval()
-    last = predict(val_forward, val_set, val_transform, cfg.train.batch_size, ctx.device)
+    last = predict(val_forward, val_set, val_transform, cfg.train.batch_size, ctx.device, empty)
     return {**last, "best": best if best["top1"] >= 0 else dict(last), "steps": summary["step"]}
 
 
@@ -148,13 +154,15 @@ def evaluate(cfg: EvalConfig, resume: str | None = None, model: nn.Module | None
 
     run = {"knn": knn.run, "linprobe": linear.run, "attnprobe": attentive.run,
            "finetune": finetune.run}[cfg.protocol]
-    ctx = build_context(cfg, model)
-    result = run(ctx, resume=resume)
+    with process_group(pick_device(cfg.train.device)):  # under torchrun: every process evaluates its share
+        ctx = build_context(cfg, model)
+        result = run(ctx, resume=resume)
     result = {"protocol": cfg.protocol, "checkpoint": cfg.checkpoint, **result, "config": to_dict(cfg)}
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    log.info("%s: top1 %.2f top5 %.2f", cfg.protocol, result["top1"], result["top5"])
+    if is_main():
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+        log.info("%s: top1 %.2f top5 %.2f", cfg.protocol, result["top1"], result["top5"])
     return result
 
 

@@ -214,6 +214,16 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str, devi
     return model
 
 
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unwrapped model's whole state dict, for rank 0 to save. Under torchrun a collective: an
+    FSDP model's shards are gathered (onto rank 0's CPU; the other processes get an empty dict)."""
+    if not is_distributed():
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def no_sync(wrapped: nn.Module, strategy: str, sync: bool):
     """Context for one accumulation micro-step: with `sync` false, gradients are only accumulated
     locally (DDP `no_sync`, FSDP2 `set_requires_gradient_sync(False)`); the last micro-step syncs."""
