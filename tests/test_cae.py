@@ -2,6 +2,7 @@
 pictures, and training through the shared loop (loss down, exact resume, unreadable files)."""
 
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -296,6 +297,20 @@ def test_dalle_tokenizer_has_the_official_names_and_loads_the_official_pickle(tm
     assert sum(p.numel() for p in loaded.parameters()) == 53_786_240
     fetched = read_weights(__import__("mimkit.tokenizers", fromlist=["fetch"]).fetch(path.as_uri(), tmp_path / "cache"))
     assert fetched.keys() == state.keys() and (tmp_path / "cache" / "tokenizers" / "encoder.pkl").is_file()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_tokenizer_file_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "encoder.pkl"
+    torch.save({"w": torch.zeros(2), "hook": _Payload()}, path)
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to unpickle (posix|os)\.system"):
+        read_weights(path)
+    torch.save({"blocks.input.w": torch.ones(2)}, path)  # a plain state dict still reads
+    assert torch.equal(read_weights(path)["blocks.input.w"], torch.ones(2))
 
 
 # --------------------------------------------------------------------------- official weights

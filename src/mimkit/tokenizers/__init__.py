@@ -15,6 +15,7 @@ each time a model needs them.
 
 from __future__ import annotations
 
+import _compat_pickle
 import pickle
 import types
 from collections.abc import Mapping
@@ -34,18 +35,35 @@ class _Stub(nn.Module):
     """Stands in for any class of a foreign package while unpickling a whole pickled module."""
 
 
-class _StubUnpickler(pickle.Unpickler):
-    # Official DALL-E weights (`encoder.pkl`) are a pickled `dall_e.encoder.Encoder`. Its package pins
-    # torchvision and more; only the tensors are needed, so its classes are replaced by stubs.
+class _ModuleUnpickler(pickle.Unpickler):
+    """Reads a whole pickled module without running its code. Official DALL-E weights (`encoder.pkl`)
+    are a pickled `dall_e.encoder.Encoder`; its package pins torchvision and more, and only the tensors
+    are needed, so its classes become stubs. Every other global must be a `torch.nn` module class or
+    what torch's weights-only loader allows (tensors, storages, dtypes, OrderedDict, ...): a file that
+    names anything else (`os.system`, `builtins.eval`, ...) is refused, not run."""
+
     foreign = ("dall_e",)
 
     def find_class(self, module: str, name: str):
         if module.split(".")[0] in self.foreign:
             return _Stub
-        return super().find_class(module, name)
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        # protocol 2 (torch.save's) names builtins as Python 2 did: `__builtin__.set`
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        allowed = _get_allowed_globals()
+        if f"{module}.{name}" in allowed:
+            return allowed[f"{module}.{name}"]
+        if module.startswith("torch.nn.modules."):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and issubclass(obj, nn.Module):
+                return obj
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: a tokenizer file may hold tensors and "
+                                     "module classes only")
 
 
-_STUB_PICKLE = types.SimpleNamespace(Unpickler=_StubUnpickler, load=pickle.load, __name__="mimkit_stub_pickle")
+_MODULE_PICKLE = types.SimpleNamespace(Unpickler=_ModuleUnpickler, load=pickle.load, __name__="mimkit_module_pickle")
 
 
 def fetch(source: str, cache_dir: str | Path = "~/.cache/mimkit") -> Path:
@@ -72,7 +90,8 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_STUB_PICKLE)
+    # weights_only=False only because a whole module is not a weights-only file: the unpickler is ours
+    obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_MODULE_PICKLE)
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     for key in ("state_dict", "model"):
