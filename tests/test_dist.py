@@ -101,7 +101,7 @@ def extract_in_shares(out: Path) -> None:
     torch.save({"plain": plain, "fsdp": sharded}, out / f"extract-{rank()}.pt")
 
 
-def worker(job: str, out: Path, cache: str) -> None:
+def worker(job: str, out: Path, cache: str, strategies: str = "ddp,fsdp") -> None:
     import torch.distributed as dist
 
     from mimkit import cli
@@ -128,7 +128,7 @@ def worker(job: str, out: Path, cache: str) -> None:
 
         attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
         real = loop.pretrain
-        for dies_in, strategy in enumerate(("ddp", "fsdp")):
+        for dies_in, strategy in enumerate(strategies.split(",")):
 
             def die(info, dies_in=dies_in):
                 if attempt == dies_in and info.step == CRASH_AT and dist.get_rank() == 1:
@@ -341,6 +341,32 @@ def test_a_job_that_loses_a_rank_resumes_under_torchrun_and_ends_as_an_uninterru
     _same_run(full, crashed, last)
 
 
+def test_a_two_node_job_that_loses_a_node_resumes_and_ends_as_an_uninterrupted_one(equal_runs, cache, tmp_path):
+    """The README's several-node command (c10d rendezvous, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+    --max-restarts) with two torchrun agents of one process each on this machine: node 1's process dies
+    after step 5, both agents restart their processes, and the DDP job resumes from step 4 and ends with
+    the weights and metrics of the uninterrupted one-node job."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    # one thread per process, as torchrun sets for several processes per node: the same kernels, the same bits
+    env.update(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "mimkit-test",
+           "--max-restarts", "1", str(HERE), "crash", str(tmp_path), cache, "ddp"]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    log = "".join(logs)
+    assert log.count("(exitcode: 17) local_rank: 0") == 1  # node 1's process was lost once
+    assert f"resumed from {tmp_path / 'ddp' / 'checkpoints' / 'checkpoint-00000004.pt'}" in log
+    _same_run(equal_runs / "full_ddp", tmp_path / "ddp", LAST)
+
+
 def test_activation_checkpointing_recomputes_the_same_gradients():
     """`train.grad_checkpointing` (every block of encoder and decoder) changes what is stored for
     backward, not the numbers (CPU: bit for bit) nor the parameter names; and only with gradients on."""
@@ -375,4 +401,4 @@ def build_tiny():
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], Path(sys.argv[2]), sys.argv[3])
+    worker(*sys.argv[1:2], Path(sys.argv[2]), *sys.argv[3:])
