@@ -1,5 +1,6 @@
 """Tests for mimkit.data: decoding and the bad-file policy, datasets, sampler, loader, transforms."""
 
+import hashlib
 import io
 import pickle
 import runpy
@@ -252,7 +253,45 @@ def test_download_verifies_md5_without_network(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.urllib.request, "urlopen", fake_urlopen)
     with pytest.raises(ValueError, match="failed verification.*md5"):
         download_cifar10(str(tmp_path))
-    assert list(tmp_path.iterdir()) == []  # no .part and no archive left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-python.tar.gz.lock"]  # no .part, no archive
+
+
+def test_processes_that_ask_for_the_download_at_once_download_it_once(tmp_path, monkeypatch):
+    """Four processes started together (torchrun with data.root=download): one downloads, slowly; the
+    others wait for it and read the same verified file."""
+    import threading
+    import time
+
+    archive = b"the archive, in 3 slow chunks " * 1000
+    calls = []
+
+    class Slow(io.BytesIO):
+        def read(self, n=-1):
+            time.sleep(0.05)
+            return super().read(n if n > 0 else 10_000)
+
+    def fake_urlopen(url, timeout):
+        calls.append(url)
+        return Slow(archive)
+
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setitem(datasets.KNOWN_CHECKSUMS, "cifar-10-python.tar.gz", ("md5", hashlib.md5(archive).hexdigest()))
+    got, errors = [], []
+
+    def fetch():  # each thread opens its own lock file description, as separate processes do
+        try:
+            got.append(download_cifar10(str(tmp_path)))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(calls) == 1
+    assert got == [str(tmp_path / "cifar-10-python.tar.gz")] * 4
+    assert (tmp_path / "cifar-10-python.tar.gz").read_bytes() == archive
 
 
 # --- sampler and loader ----------------------------------------------------------------------

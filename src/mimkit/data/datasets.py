@@ -23,6 +23,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import resources
 from typing import NamedTuple
 
@@ -413,27 +414,45 @@ def verify_checksum(path: str, name: str | None = None) -> None:
         )
 
 
-def download_cifar10(cache_dir: str = "~/.cache/mimkit", url: str = CIFAR10_URL) -> str:
-    """Download the official CIFAR-10 python tarball into cache_dir (once), verify its md5 and
-    return its path."""
-    dest = os.path.join(os.path.expanduser(cache_dir), "cifar-10-python.tar.gz")
-    if not os.path.exists(dest):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        part = dest + ".part"  # renamed only once complete and verified
+@contextmanager
+def _exclusive(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if need be; left in place) for the block: the
+    processes torchrun starts together take turns. Where `fcntl` is missing (Windows): no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
-                shutil.copyfileobj(response, f, 1 << 20)
-            verify_checksum(part, name=os.path.basename(dest))
-            os.replace(part, dest)
-        except (urllib.error.URLError, OSError) as e:
-            raise OSError(
-                f"could not download {url} to {dest}: {e}; fetch it by hand and pass its path as data root"
-            ) from e
-        except ValueError as e:
-            raise ValueError(f"download of {url} failed verification: {e}") from None
+            yield
         finally:
-            if os.path.exists(part):
-                os.unlink(part)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def download_cifar10(cache_dir: str = "~/.cache/mimkit", url: str = CIFAR10_URL) -> str:
+    """Download the official CIFAR-10 python tarball into cache_dir (once, even when several processes
+    ask at the same time), verify its md5 and return its path."""
+    dest = os.path.join(os.path.expanduser(cache_dir), "cifar-10-python.tar.gz")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with _exclusive(dest + ".lock"):  # the first process downloads; the others then find the file
+        if not os.path.exists(dest):
+            fd, part = tempfile.mkstemp(dir=os.path.dirname(dest), suffix=".part")  # renamed once verified
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as f:
+                    shutil.copyfileobj(response, f, 1 << 20)
+                verify_checksum(part, name=os.path.basename(dest))
+                os.replace(part, dest)
+            except (urllib.error.URLError, OSError) as e:
+                raise OSError(
+                    f"could not download {url} to {dest}: {e}; fetch it by hand and pass its path as data root"
+                ) from e
+            except ValueError as e:
+                raise ValueError(f"download of {url} failed verification: {e}") from None
+            finally:
+                if os.path.exists(part):
+                    os.unlink(part)
     verify_checksum(dest)
     return dest
 
