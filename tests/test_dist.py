@@ -85,20 +85,42 @@ def fit_per_sample(out: Path, strategy: str, batch_size: int, accum_steps: int) 
     return fit(model, per_sample_loss, Indexed(), optimizer, t, out_dir=out, config={}, kind="test")
 
 
+def write_nine_shards(out: Path) -> None:
+    """The first 9 `Indexed` images as PNG files, one class folder each (labels 0-8), written as tar
+    shards of 2 images to out/shards."""
+    from PIL import Image
+
+    from mimkit.data import write_shards
+
+    for i, image in enumerate(Indexed().images[:9]):
+        (out / "folder" / f"c{i}").mkdir(parents=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / "folder" / f"c{i}" / "image.png")
+    write_shards(str(out / "folder"), str(out / "shards"), shard_size=2)
+
+
+def nine_images(out: Path) -> dict:
+    """The 9 images as a map-style dataset and as a stream of shards."""
+    from mimkit.data import ShardDataset
+
+    return {"map": torch.utils.data.Subset(Indexed(), range(9)), "stream": ShardDataset(str(out / "shards"), 16)}
+
+
 def extract_in_shares(out: Path) -> None:
-    """Features of 9 images, 2 per batch (rank 0: 3 batches, rank 1: 2), from the model as it is and
-    sharded by FSDP2; every rank saves what it got."""
+    """Features of 9 images (a map-style dataset and a stream of shards), 2 per batch (rank 0: 3 batches,
+    rank 1: 2), from the model as it is and sharded by FSDP2; every rank saves what it got."""
     from mimkit.data import normalize
     from mimkit.eval.features import extract
     from mimkit.train.dist import rank, wrap
 
-    data = torch.utils.data.Subset(Indexed(), range(9))
     torch.manual_seed(0)
     model = build_tiny()
-    plain = extract(model, data, normalize, pool="mean", batch_size=2)
-    wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), "fsdp", torch.device("cpu"))
-    sharded = extract(model, data, normalize, pool="mean", batch_size=2)
-    torch.save({"plain": plain, "fsdp": sharded}, out / f"extract-{rank()}.pt")
+    got = {}
+    for strategy in ("plain", "fsdp"):
+        if strategy == "fsdp":
+            wrap(model, torch.optim.SGD(model.parameters(), lr=0.0), "fsdp", torch.device("cpu"))
+        for kind, data in nine_images(out).items():
+            got[strategy, kind] = extract(model, data, normalize, pool="mean", batch_size=2)
+    torch.save(got, out / f"extract-{rank()}.pt")
 
 
 def worker(job: str, out: Path, cache: str, strategies: str = "ddp,fsdp") -> None:
@@ -182,6 +204,7 @@ def cache(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def equal_runs(tmp_path_factory, cache) -> Path:
     out = tmp_path_factory.mktemp("equal")
+    write_nine_shards(out)
     torchrun(str(HERE), "equal", str(out), cache)
     return out
 
@@ -237,21 +260,23 @@ def test_fsdp2_gives_the_same_weights_as_ddp(equal_runs):
 
 
 def test_features_are_extracted_in_shares_and_every_rank_gets_all_of_them(equal_runs):
-    """Under torchrun each process embeds its share of a dataset (here unequal: 5 and 4 images, 3 and 2
-    batches; the short rank embeds an empty batch so that FSDP's weight gathers stay paired) and every
-    process gets every image's features, as one process computes them."""
+    """Under torchrun each process embeds its share of a dataset, map-style or a stream of shards (here
+    unequal: 5 and 4 images, 3 and 2 batches; the short rank embeds an empty batch so that FSDP's weight
+    gathers stay paired) and every process gets every image's features, as one process computes them."""
     from mimkit.data import normalize
     from mimkit.eval.features import extract
 
     torch.manual_seed(0)
-    alone, alone_labels = extract(build_tiny(), torch.utils.data.Subset(Indexed(), range(9)), normalize, pool="mean")
-    assert alone_labels.tolist() == list(range(9))
-    for r in range(2):
-        got = torch.load(equal_runs / f"extract-{r}.pt")
-        for strategy in ("plain", "fsdp"):
-            feats, labels = got[strategy]
-            assert sorted(labels.tolist()) == list(range(9)), (r, strategy)
-            assert torch.allclose(feats[labels.argsort()], alone, atol=1e-5), (r, strategy)
+    model = build_tiny()
+    for kind, data in nine_images(equal_runs).items():
+        alone, alone_labels = extract(model, data, normalize, pool="mean")
+        alone = alone[alone_labels.argsort()]
+        assert sorted(alone_labels.tolist()) == list(range(9))
+        for r in range(2):
+            for strategy in ("plain", "fsdp"):
+                feats, labels = torch.load(equal_runs / f"extract-{r}.pt")[strategy, kind]
+                assert sorted(labels.tolist()) == list(range(9)), (r, strategy, kind)  # each image once
+                assert torch.allclose(feats[labels.argsort()], alone, atol=1e-5), (r, strategy, kind)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
