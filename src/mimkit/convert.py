@@ -263,6 +263,37 @@ def read_file(path: str | Path) -> object:
                            f"({type(e).__name__}: {reason})") from None
 
 
+SHARDED_META = "state.pt"  # a sharded (FSDP) checkpoint's non-tensor state, beside DCP's shards
+
+
+def read_sharded_meta(path: str | Path) -> dict:
+    """The non-tensor state (step, RNG, config, method, ...) of a sharded training checkpoint, a
+    directory written with `torch.distributed.checkpoint`, checking that its DCP part is complete."""
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise WeightsError(f"{path}: not a complete sharded checkpoint (no DCP .metadata)")
+    state = read_file(path / SHARDED_META)
+    if not isinstance(state, dict) or "step" not in state:
+        raise WeightsError(f"{path / SHARDED_META}: not a mimkit sharded checkpoint state (no 'step' entry)")
+    return state
+
+
+def read_sharded(path: str | Path) -> dict:
+    """A sharded training checkpoint gathered whole in this process: its non-tensor state plus "model"
+    (whole weights) and "optimizer" (state keyed by parameter name)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(path)
+    meta = read_sharded_meta(path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        whole = Path(tmp) / "whole.pt"
+        dcp_to_torch_save(path, whole)
+        tensors = read_file(whole)
+    return {**meta, "model": tensors["model"], "optimizer": tensors["optimizer"]}
+
+
 def _safe_globals() -> list:
     """What a weights file may pickle besides tensors and plain containers: official MAE and DeiT
     training checkpoints keep their argparse Namespace, mimkit checkpoints NumPy's random state."""
@@ -440,9 +471,7 @@ def read_weights(source: str | Path | Mapping) -> Weights:
         path = Path(source)
         name = str(path)
         if path.is_dir() and (path / ".metadata").is_file():  # a sharded (FSDP) training checkpoint
-            from mimkit.train.checkpoint import load as load_checkpoint
-
-            obj, meta = load_checkpoint(path), {}
+            obj, meta = read_sharded(path), {}
         elif path.is_dir():
             return _read_hf_dir(path)
         elif path.suffix == ".safetensors":

@@ -25,17 +25,16 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mimkit.convert import WeightsError, read_file
+from mimkit.convert import SHARDED_META, WeightsError, read_file, read_sharded, read_sharded_meta
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^checkpoint-(\d{8})(\.pt)?$")  # a file, or a sharded checkpoint's directory
-META = "state.pt"  # a sharded checkpoint's non-tensor state
+META = SHARDED_META  # a sharded checkpoint's non-tensor state
 
 
 def save(directory: str | Path, step: int, state: dict, keep_last: int) -> Path:
@@ -72,7 +71,7 @@ def load(path: str | Path) -> dict:
     checkpoint (a directory) is gathered into one state: its model weights whole, its optimizer state
     keyed by parameter name."""
     if Path(path).is_dir():
-        return _load_sharded_whole(Path(path))
+        return read_sharded(Path(path))
     state = read_file(path)
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise WeightsError(f"{path}: not a mimkit training checkpoint (no 'model' and 'step' entries)")
@@ -116,15 +115,7 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 def load_meta(path: str | Path) -> dict:
     """A sharded checkpoint's non-tensor state (step, RNG, config, ...), checking that its DCP part is
     complete; for a checkpoint file, the whole checkpoint."""
-    path = Path(path)
-    if not path.is_dir():
-        return load(path)
-    if not (path / ".metadata").is_file():
-        raise WeightsError(f"{path}: not a complete sharded checkpoint (no DCP .metadata)")
-    state = read_file(path / META)
-    if not isinstance(state, dict) or "step" not in state:
-        raise WeightsError(f"{path / META}: not a mimkit sharded checkpoint state (no 'step' entry)")
-    return state
+    return read_sharded_meta(path) if Path(path).is_dir() else load(path)
 
 
 def save_sharded(directory: str | Path, step: int, meta: dict | None, model: torch.nn.Module,
@@ -168,24 +159,13 @@ def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.opti
     return meta
 
 
-def _load_sharded_whole(path: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    meta = load_meta(path)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        whole = Path(tmp) / "whole.pt"
-        dcp_to_torch_save(path, whole)
-        tensors = read_file(whole)
-    return {**meta, "model": tensors["model"], "optimizer": tensors["optimizer"]}
-
-
 def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     """Write a sharded checkpoint as one ordinary checkpoint file (`mimkit.load`, `mimkit eval` and
     `mimkit export` read it); default: beside it, as `checkpoint-{step}-whole.pt` (a name that resume
     does not pick up: its optimizer state is keyed by parameter name). Runs in one process."""
     path = Path(path)
     out = Path(out) if out is not None else path.with_name(path.name + "-whole.pt")
-    state = _load_sharded_whole(path)
+    state = read_sharded(path)
     tmp = out.with_suffix(out.suffix + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out)
