@@ -1,6 +1,8 @@
 """Distributed training on the CPU (gloo), launched with torchrun: DDP equals one process, FSDP2 equals
 DDP, and a job that loses a rank mid-run resumes under `torchrun --max-restarts 1` and ends where an
-uninterrupted job does.
+uninterrupted job does, on one node and on two (two torchrun agents on this machine). Feature
+extraction, the kNN monitor and `mimkit eval` share their work across processes and give what one
+process computes.
 
 This file is also the script torchrun starts (`python tests/test_dist.py JOB OUT`): every process runs
 `worker(JOB, OUT)`. The jobs run once per session (module fixtures) and the tests read their outputs.
