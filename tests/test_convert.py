@@ -18,10 +18,10 @@ from mimkit.convert import (
     load,
     load_weights,
     mae_to_hf,
-    read_file,
     read_weights,
 )
 from mimkit.export import export, timm_state_dict
+from mimkit.serialization import read_torch
 from mimkit.models import build_model
 from mimkit.models.vit import VisionTransformer, resample_pos_embed
 
@@ -417,7 +417,7 @@ def test_checkpoints_pickled_under_either_numpy_major_version_load(tmp_path):
             out.writestr(info, data)
     assert b"cnumpy.core.multiarray" in zipfile.ZipFile(tmp_path / "np1.pt").read("np2/data.pkl")
     for name in ("np1.pt", "np2.pt"):
-        keys = read_file(tmp_path / name)["rng"][1]
+        keys = read_torch(tmp_path / name)["rng"][1]
         assert isinstance(keys, np.ndarray) and np.array_equal(keys, state[1])
 
 

@@ -44,12 +44,9 @@ import torch
 from torch import Tensor, nn
 
 from mimkit.config import ConfigError
+from mimkit.serialization import WeightsError, read_safetensors, read_sharded, read_torch
 
 log = logging.getLogger(__name__)
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be read or do not fit: the message names the file and the offending keys."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,103 +232,8 @@ def _hints_from_hf_config(hf: Mapping, where: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading files
+# Reading files (`mimkit.serialization` reads them safely; here: which layout they are in)
 # ---------------------------------------------------------------------------------------------
-
-
-def read_file(path: str | Path) -> object:
-    """Whatever a `.pt`/`.pth`/`.bin` (torch.save) or `.safetensors` file holds, loaded on the CPU;
-    a missing or unreadable file raises a one-line error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)[0]
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated archive, pickle error, not a torch file, a global not allowed, ...
-        unsafe = _unsafe_globals(path)
-        if unsafe:
-            raise WeightsError(
-                f"{path}: holds pickled {', '.join(unsafe)}, which could run code when loaded; mimkit reads "
-                "tensors, plain containers, argparse.Namespace and NumPy arrays only. If you trust the file, "
-                "save its weights alone: torch.save(torch.load(path, weights_only=False)['model'], 'weights.pt')"
-            ) from None
-        reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(e) else ""
-        raise WeightsError(f"{path}: cannot read weights, the file is corrupt or not a PyTorch checkpoint "
-                           f"({type(e).__name__}: {reason})") from None
-
-
-SHARDED_META = "state.pt"  # a sharded (FSDP) checkpoint's non-tensor state, beside DCP's shards
-
-
-def read_sharded_meta(path: str | Path) -> dict:
-    """The non-tensor state (step, RNG, config, method, ...) of a sharded training checkpoint, a
-    directory written with `torch.distributed.checkpoint`, checking that its DCP part is complete."""
-    path = Path(path)
-    if not (path / ".metadata").is_file():
-        raise WeightsError(f"{path}: not a complete sharded checkpoint (no DCP .metadata)")
-    state = read_file(path / SHARDED_META)
-    if not isinstance(state, dict) or "step" not in state:
-        raise WeightsError(f"{path / SHARDED_META}: not a mimkit sharded checkpoint state (no 'step' entry)")
-    return state
-
-
-def read_sharded(path: str | Path) -> dict:
-    """A sharded training checkpoint gathered whole in this process: its non-tensor state plus "model"
-    (whole weights) and "optimizer" (state keyed by parameter name)."""
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    path = Path(path)
-    meta = read_sharded_meta(path)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        whole = Path(tmp) / "whole.pt"
-        dcp_to_torch_save(path, whole)
-        tensors = read_file(whole)
-    return {**meta, "model": tensors["model"], "optimizer": tensors["optimizer"]}
-
-
-def _safe_globals() -> list:
-    """What a weights file may pickle besides tensors and plain containers: official MAE and DeiT
-    training checkpoints keep their argparse Namespace, mimkit checkpoints NumPy's random state."""
-    import argparse
-
-    import numpy as np
-
-    reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
-    allowed = [argparse.Namespace, np.ndarray, np.dtype, reconstruct]
-    if hasattr(np, "dtypes"):  # NumPy >= 1.25 pickles a dtype's class
-        allowed.append(np.dtypes.UInt32DType)
-    # A file written under the other major version of NumPy names `_reconstruct` by its other path.
-    return allowed + [(reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("core", "_core")]
-
-
-def _unsafe_globals(path: Path) -> list[str]:
-    """The pickled classes and functions of a torch.save file that `read_file` does not allow."""
-    try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a zip archive at all: the caller reports corruption
-        return []
-    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()}
-    return [g for g in found if g not in allowed]
-
-
-def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and the string metadata of a `.safetensors` file."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as e:  # bad header, truncated data, ...
-        raise WeightsError(f"{path}: cannot read weights, the file is corrupt or not safetensors "
-                           f"({type(e).__name__}: {e})") from None
 
 
 def unwrap_official(obj: Mapping) -> dict[str, Tensor]:
@@ -432,6 +334,18 @@ def _weights_of(obj: object, name: str, hints: dict) -> Weights:
         "It may come from another architecture.")
 
 
+def _shard_files(index: Path) -> list[Path]:
+    """The weight files a Hugging Face shard index names: plain file names beside it, nothing else."""
+    try:
+        names = set(json.loads(index.read_text())["weight_map"].values())
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{index}: not a shard index ({type(e).__name__}: {e})") from None
+    for name in sorted(map(str, names)):
+        if Path(name).name != name or name in ("", ".", "..") or not (index.parent / name).is_file():
+            raise WeightsError(f"{index}: names {name!r}, not a file in {index.parent}")
+    return sorted(index.parent / name for name in names)
+
+
 def _read_hf_dir(path: Path) -> Weights:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -447,11 +361,11 @@ def _read_hf_dir(path: Path) -> Weights:
         if (path / single).is_file():
             files = [path / single]
         elif (path / index).is_file():
-            files = sorted({path / f for f in json.loads((path / index).read_text())["weight_map"].values()})
+            files = _shard_files(path / index)
         else:
             continue
         for f in files:
-            raw |= unwrap_official(read_file(f))
+            raw |= unwrap_official(read_torch(f))
         break
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (nor a sharded index) beside "
@@ -479,7 +393,7 @@ def read_weights(source: str | Path | Mapping) -> Weights:
             if "mimkit" not in meta and (path.parent / "config.json").is_file() and _is_hf(obj):  # in a HF dir
                 return _read_hf_dir(path.parent)
         else:
-            obj, meta = read_file(path), {}
+            obj, meta = read_torch(path), {}
     if "mimkit" in meta:  # written by mimkit.export: the architecture travels in the header
         try:
             entry = json.loads(meta["mimkit"])

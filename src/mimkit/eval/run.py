@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mimkit.config import EvalConfig, to_dict
-from mimkit.convert import load, read_file
+from mimkit.convert import load
+from mimkit.serialization import read_torch
 from mimkit.data import EvalTransform, PretrainAugment, build_dataset
 from mimkit.eval.features import FeatureSet, extract, features, in_shares
 from mimkit.models.vit import VisionTransformer, resample_pos_embed
@@ -112,7 +113,7 @@ def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, train_s
     best_path = out_dir / "best.pt"
     best = {"top1": -1.0}
     if resume is not None and best_path.exists():  # the best epoch of the run being resumed
-        best = read_file(best_path)["best"]
+        best = read_torch(best_path)["best"]
 
     size = ctx.encoder.img_size
     empty = val_set.feats[:0] if isinstance(val_set, FeatureSet) else torch.zeros(0, 3, size, size)

@@ -15,9 +15,6 @@ each time a model needs them.
 
 from __future__ import annotations
 
-import _compat_pickle
-import pickle
-import types
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -25,45 +22,11 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
+from mimkit.serialization import WeightsError, read_module_pickle, read_safetensors
 from mimkit.tokenizers.dalle import DalleTokenizer
 
 TOKENIZERS: dict[str, type[nn.Module]] = {"dalle": DalleTokenizer}
 RANDOM = "random"  # `weights` value for a randomly initialised tokenizer: tests and smoke runs only
-
-
-class _Stub(nn.Module):
-    """Stands in for any class of a foreign package while unpickling a whole pickled module."""
-
-
-class _ModuleUnpickler(pickle.Unpickler):
-    """Reads a whole pickled module without running its code. Official DALL-E weights (`encoder.pkl`)
-    are a pickled `dall_e.encoder.Encoder`; its package pins torchvision and more, and only the tensors
-    are needed, so its classes become stubs. Every other global must be a `torch.nn` module class or
-    what torch's weights-only loader allows (tensors, storages, dtypes, OrderedDict, ...): a file that
-    names anything else (`os.system`, `builtins.eval`, ...) is refused, not run."""
-
-    foreign = ("dall_e",)
-
-    def find_class(self, module: str, name: str):
-        if module.split(".")[0] in self.foreign:
-            return _Stub
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        # protocol 2 (torch.save's) names builtins as Python 2 did: `__builtin__.set`
-        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        allowed = _get_allowed_globals()
-        if f"{module}.{name}" in allowed:
-            return allowed[f"{module}.{name}"]
-        if module.startswith("torch.nn.modules."):
-            obj = super().find_class(module, name)
-            if isinstance(obj, type) and issubclass(obj, nn.Module):
-                return obj
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: a tokenizer file may hold tensors and "
-                                     "module classes only")
-
-
-_MODULE_PICKLE = types.SimpleNamespace(Unpickler=_ModuleUnpickler, load=pickle.load, __name__="mimkit_module_pickle")
 
 
 def fetch(source: str, cache_dir: str | Path = "~/.cache/mimkit") -> Path:
@@ -87,18 +50,17 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     or a whole pickled module such as OpenAI's `encoder.pkl`."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    # weights_only=False only because a whole module is not a weights-only file: the unpickler is ours
-    obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_MODULE_PICKLE)
+        return read_safetensors(path)[0]
+    # Official DALL-E weights (`encoder.pkl`) are a pickled `dall_e.encoder.Encoder`; its package pins
+    # torchvision and more, and only the tensors are needed, so its classes become stubs.
+    obj = read_module_pickle(path, stubs=("dall_e",))
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: neither a state dict nor a pickled module")
+        raise WeightsError(f"{path}: neither a state dict nor a pickled module")
     return dict(obj)
 
 

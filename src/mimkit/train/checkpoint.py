@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mimkit.convert import SHARDED_META, WeightsError, read_file, read_sharded, read_sharded_meta
+from mimkit.serialization import SHARDED_META, WeightsError, dcp_load, read_sharded, read_sharded_meta, read_torch
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^checkpoint-(\d{8})(\.pt)?$")  # a file, or a sharded checkpoint's directory
@@ -72,7 +72,7 @@ def load(path: str | Path) -> dict:
     keyed by parameter name."""
     if Path(path).is_dir():
         return read_sharded(Path(path))
-    state = read_file(path)
+    state = read_torch(path)
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise WeightsError(f"{path}: not a mimkit training checkpoint (no 'model' and 'step' entries)")
     return state
@@ -148,13 +148,12 @@ def save_sharded(directory: str | Path, step: int, meta: dict | None, model: tor
 def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load a sharded checkpoint into an FSDP model and its optimizer on every process (a collective),
     resharding to the current number of processes; returns its non-tensor state."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     meta = load_meta(path)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp_load(state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return meta
 
