@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,11 @@ from torch import Tensor, nn
 
 from mimkit.config import EvalConfig, to_dict
 from mimkit.convert import load
-from mimkit.serialization import read_torch
 from mimkit.data import EvalTransform, PretrainAugment, build_dataset
 from mimkit.eval.features import FeatureSet, extract, features, in_shares
 from mimkit.models.vit import VisionTransformer, resample_pos_embed
+from mimkit.serialization import read_torch
+from mimkit.train.checkpoint import claim, write_atomic
 from mimkit.train.dist import full_state_dict, is_main, pick_device, process_group
 from mimkit.train.loop import StepInfo, fit
 
@@ -135,9 +135,7 @@ def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, train_s
             state = full_state_dict(model)
             if is_main():
                 out_dir.mkdir(parents=True, exist_ok=True)
-                tmp = best_path.with_suffix(".pt.tmp")
-                torch.save({"model": state, "best": dict(best), **entry}, tmp)
-                os.replace(tmp, best_path)
+                write_atomic(best_path, {"model": state, "best": dict(best), **entry})
         return {f"val_{k}": v for k, v in metrics.items()}
 
     summary = fit(model, loss_fn, train_set, optimizer, cfg.train, out_dir=out_dir, config=to_dict(cfg),
@@ -148,14 +146,18 @@ def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, train_s
     return {**last, "best": best if best["top1"] >= 0 else dict(last), "steps": summary["step"]}
 
 
-def evaluate(cfg: EvalConfig, resume: str | None = None, model: nn.Module | None = None) -> dict:
+def evaluate(cfg: EvalConfig, resume: str | None = None, model: nn.Module | None = None,
+             overwrite: bool = False) -> dict:
     """Run `cfg.protocol` on `cfg.checkpoint` (or on `model`, already loaded from it); write results.json
-    (metrics + resolved config) in out_dir."""
+    (metrics + resolved config) in out_dir. A supervised protocol's out_dir is its run's own (see
+    `mimkit.train.checkpoint.claim`): `overwrite` deletes another run's files there first."""
     from mimkit.eval import attentive, finetune, knn, linear  # each protocol imports this module
 
     run = {"knn": knn.run, "linprobe": linear.run, "attnprobe": attentive.run,
            "finetune": finetune.run}[cfg.protocol]
     with process_group(pick_device(cfg.train.device)):  # under torchrun: every process evaluates its share
+        if overwrite and resume is None and is_main():
+            claim(cfg.out_dir, None, overwrite=True)
         ctx = build_context(cfg, model)
         result = run(ctx, resume=resume)
     result = {"protocol": cfg.protocol, "checkpoint": cfg.checkpoint, **result, "config": to_dict(cfg)}

@@ -20,6 +20,7 @@ DCP reshards on load, so such a checkpoint resumes on any number of processes; `
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import mimkit
 from mimkit.serialization import SHARDED_META, WeightsError, dcp_load, read_sharded, read_sharded_meta, read_torch
 
 log = logging.getLogger(__name__)
@@ -37,20 +39,129 @@ PATTERN = re.compile(r"^checkpoint-(\d{8})(\.pt)?$")  # a file, or a sharded che
 META = SHARDED_META  # a sharded checkpoint's non-tensor state
 
 
-def save(directory: str | Path, step: int, state: dict, keep_last: int) -> Path:
-    """Write `state` atomically as checkpoint-{step}.pt and delete all but the newest `keep_last`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"checkpoint-{step:08d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    _prune(directory, keep_last)
+class TrainingError(RuntimeError):
+    """A run that cannot go on for a reason outside the code (no readable data, a lost DataLoader worker,
+    an out_dir owned by another run, a checkpoint that cannot be written); the message is one line."""
+
+
+# What a run writes into its out_dir: a fresh run refuses a directory that holds any of them.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "pictures", "curves.png", "tensorboard", "best.pt")
+
+
+def claim(out_dir: str | Path, resume: str | None, overwrite: bool = False) -> tuple[Path, dict] | None:
+    """Make `out_dir` this run's own and say what it continues from: None (start from scratch) or
+    (checkpoint path, its state; for a sharded checkpoint only its non-tensor state). Rank 0 calls this.
+
+    A run owns its out_dir. `resume=None` (a fresh run) refuses a directory that holds another run's
+    files (`RUN_FILES`) unless `overwrite`, which deletes them first. `resume="auto"` continues the newest
+    readable checkpoint there, or starts from scratch where there is none; where every checkpoint is
+    unreadable it refuses (`overwrite` starts over). `resume=PATH` refuses when out_dir holds checkpoints
+    newer than PATH, or checkpoints of another run (PATH elsewhere), which `overwrite` deletes."""
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"out_dir {out_dir}: exists and is not a directory")
+    existing = list_checkpoints(ckpt_dir)
+    if resume is None:
+        held = [name for name in RUN_FILES if (out_dir / name).exists()]
+        if held and not overwrite:
+            raise TrainingError(f"out_dir {out_dir} holds another run ({', '.join(held)}): continue it with "
+                                "--resume auto, replace it with --overwrite, or choose another out_dir")
+        _remove(out_dir, held)
+        return None
+    if resume == "auto":
+        found = load_latest(ckpt_dir)
+        if found is None and existing:
+            if not overwrite:
+                raise TrainingError(f"{ckpt_dir}: none of its {len(existing)} checkpoint(s) is readable (see the "
+                                    "warnings above), so there is nothing to resume; --overwrite starts over")
+            _remove(out_dir, [name for name in RUN_FILES if (out_dir / name).exists()])
+        return found
+    path = Path(resume)
+    state = load_meta(path)
+    mine = [p for p in existing if p.resolve() != path.resolve()]
+    if path.resolve().parent == ckpt_dir.resolve():
+        mine = [p for p in mine if _step_of(p) > state["step"]]
+        what = f"checkpoints newer than {path.name} ({', '.join(p.name for p in mine)})"
+    else:
+        what = f"checkpoints of another run ({', '.join(p.name for p in mine[-3:])})"
+    if mine and not overwrite:
+        raise TrainingError(f"{ckpt_dir} holds {what}: resuming {path} there would mix two runs; --overwrite "
+                            "deletes them, or choose another out_dir")
+    _remove(ckpt_dir, [p.name for p in mine])
+    return path, state
+
+
+def _remove(directory: Path, names: list[str]) -> None:
+    for name in names:
+        target = directory / name
+        log.warning("--overwrite: deleting %s", target)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def _step_of(path: Path) -> int:
+    return int(PATTERN.match(path.name)[1])
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e` (torch.save reports a failed write as a RuntimeError whose context it is)."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def write_atomic(path: str | Path, state: object) -> Path:
+    """`torch.save(state)` to `path` so that a crash or power loss leaves the old file or the new one,
+    never a torn one: written to `.tmp`, fsynced, renamed, and the directory fsynced. A failed write
+    removes the `.tmp` and raises a one-line `TrainingError` with the OS's reason (e.g. "disk full")."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        reason = "disk full" if cause.errno == errno.ENOSPC else cause.strerror or str(cause)
+        raise TrainingError(f"cannot write {path}: {reason} ([Errno {cause.errno}]); the previous checkpoint "
+                            "is intact") from None
     return path
 
 
-def _prune(directory: Path, keep_last: int) -> None:
-    for old in list_checkpoints(directory)[:-keep_last]:
+def save(directory: str | Path, step: int, state: dict, keep_last: int) -> Path:
+    """Write `state` atomically as checkpoint-{step}.pt and delete all but the newest `keep_last`
+    (never the one just written)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = write_atomic(directory / f"checkpoint-{step:08d}.pt", state)
+    _prune(directory, keep_last, path)
+    return path
+
+
+def _prune(directory: Path, keep_last: int, written: Path) -> None:
+    """Delete all checkpoints but the newest `keep_last` and `written`."""
+    found = list_checkpoints(directory)
+    keep = set(found[-keep_last:]) | {written}
+    for old in found:
+        if old in keep:
+            continue
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -137,10 +248,11 @@ def save_sharded(directory: str | Path, step: int, meta: dict | None, model: tor
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
     if main:  # dcp.save returns on rank 0 once every shard and the metadata are written
-        torch.save(meta, tmp / META)
+        write_atomic(tmp / META, meta)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-        _prune(directory, keep_last)
+        _fsync_dir(directory)
+        _prune(directory, keep_last, path)
     dist.barrier()  # nobody reads or prunes while rank 0 renames
     return path
 
@@ -164,8 +276,103 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     does not pick up: its optimizer state is keyed by parameter name). Runs in one process."""
     path = Path(path)
     out = Path(out) if out is not None else path.with_name(path.name + "-whole.pt")
-    state = read_sharded(path)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
-    return out
+    return write_atomic(out, read_sharded(path))
+
+
+# --------------------------------------------------------------------------- a run's state
+
+
+class Run:
+    """The state of one training run beyond its model and optimizer, and the one place that writes it to
+    and reads it from its checkpoints: step, data position (epoch and micro-batches of it consumed),
+    skipped files, gradient scaler, random streams of every process; plus the config and method that
+    let `mimkit.load` rebuild the model. Every process holds one; rank 0 owns `out_dir` (`claim`).
+
+    With several processes and `sharded` (FSDP), checkpoints are DCP directories every process writes;
+    otherwise rank 0 writes one file."""
+
+    def __init__(self, out_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, generator: torch.Generator, *, config: dict, kind: str,
+                 keep_last: int, strategy: str, steps_per_epoch: int, accum_steps: int):
+        from mimkit.train import dist
+
+        self.dist = dist
+        self.out_dir, self.dir = Path(out_dir), Path(out_dir) / "checkpoints"
+        self.model, self.optimizer, self.scaler, self.generator = model, optimizer, scaler, generator
+        self.config, self.kind, self.keep_last, self.strategy = config, kind, keep_last, strategy
+        self.world = dist.world_size()
+        self.sharded = self.world > 1 and strategy == "fsdp"
+        self.steps_per_epoch, self.accum_steps = steps_per_epoch, accum_steps
+        self.step, self.epoch, self.position, self.skipped = 0, 0, 0, {}
+        """Optimizer steps done; the epoch being read and the micro-batches of it consumed (empty ones
+        too, which no step counts); unreadable files seen (path -> reason)."""
+
+    def resume(self, resume: str | None, overwrite: bool = False) -> Path | None:
+        """Claim out_dir (rank 0; see `claim`) and load the checkpoint it names into the model, optimizer
+        and this state on every process. Returns that checkpoint, or None for a fresh start."""
+        from mimkit.convert import load_checked
+
+        claimed, error = None, None
+        if self.dist.is_main():
+            try:
+                claimed = claim(self.out_dir, resume, overwrite)
+            except (TrainingError, WeightsError, OSError) as e:
+                error = e
+        path, message = self.dist.broadcast_object((claimed[0] if claimed else None, error and str(error)))
+        if error is not None:
+            raise error
+        if message is not None:  # rank 0 refused: every process stops with its reason
+            raise TrainingError(message)
+        if path is None:
+            return None
+        state = claimed[1] if claimed else None
+        if self.sharded:
+            if not path.is_dir():
+                raise WeightsError(f"{path}: train.strategy=fsdp resumes from a sharded checkpoint directory")
+            state = load_sharded(path, self.model, self.optimizer)
+        else:
+            if path.is_dir():
+                raise WeightsError(f"{path}: a sharded checkpoint resumes with train.strategy=fsdp on several "
+                                   "processes (or convert it: mimkit.train.checkpoint.consolidate)")
+            state = state if state is not None else load(path)
+            load_checked(self.model, state["model"], f"checkpoint {path}")
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if state.get("world_size", 1) != self.world:
+            log.warning("checkpoint %s was written by %d process(es), this run has %d: the data order and "
+                        "random streams do not continue exactly", path, state.get("world_size", 1), self.world)
+        ranks, rank = state.get("rng_ranks"), self.dist.rank()
+        set_rng_state(ranks[rank] if ranks and rank < len(ranks) else state["rng"], self.generator)
+        self.step, self.skipped = state["step"], dict(state["skipped"])
+        self.epoch, self.position = state["epoch"], state.get("position")
+        if self.position is None:  # written before the position was stored, when a step was always full
+            self.position = (self.step - self.epoch * self.steps_per_epoch) * self.accum_steps
+        log.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current state (a collective: every process calls it); returns its
+        path on rank 0 (and on every process when sharded), else None."""
+        gathered = self.dist.gather_objects((rng_state(self.generator), self.skipped))
+        state = None
+        if self.dist.is_main():
+            for _, theirs in gathered[1:]:
+                for name, reason in theirs.items():
+                    self.skipped.setdefault(name, reason)
+            state = {"scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                     "position": self.position, "rng": gathered[0][0], "skipped": list(self.skipped.items()),
+                     "config": self.config, "method": self.kind, "version": mimkit.__version__}
+            if self.world > 1:
+                state.update(rng_ranks=[rng for rng, _ in gathered], world_size=self.world, strategy=self.strategy)
+        if self.sharded:
+            return save_sharded(self.dir, self.step, state, self.model, self.optimizer, self.keep_last)
+        if self.dist.is_main():
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **state}
+            return save(self.dir, self.step, state, self.keep_last)
+        return None
+
+    def last_good(self) -> str:
+        """Where the run can be resumed from, for messages."""
+        found = list_checkpoints(self.dir)
+        return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+

@@ -23,11 +23,10 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            # Records written after the checkpoint we resume from belong to a run that crashed; drop
-            # them so the file reads as one uninterrupted run.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # Records written after the checkpoint we resume from belong to a run that crashed (the last
+            # one maybe half-written); drop them so the file reads as one uninterrupted run.
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # the `tensorboard` extra is optional
@@ -51,8 +50,19 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All records of a metrics.jsonl file. A line that is not a JSON object (a crash mid-write leaves
+    half a line) is skipped with a warning naming it."""
+    records = []
+    for n, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = "bad"
+        if isinstance(record, dict):
+            records.append(record)
+        elif record is not None:
+            log.warning("%s:%d: skipping a damaged line (%.60s)", path, n, line)
+    return records
 
 
 def progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +26,11 @@ import yaml
 from torch import nn
 from torch.utils.data import IterableDataset
 
-import mimkit
 from mimkit.config import Config, TrainConfig
-from mimkit.convert import WeightsError, load_checked
 from mimkit.data import EvalTransform, PretrainAugment, build_dataset, check_skipped, make_loader, set_epoch, spread
 from mimkit.models import METHODS, resolve_model_config, resolved_config
 from mimkit.train import checkpoint, dist
+from mimkit.train.checkpoint import TrainingError
 from mimkit.train.dist import is_main, pick_device, process_group
 from mimkit.train.log import MetricsLog, progress
 from mimkit.train.malloc import keep_freed_memory
@@ -40,7 +39,8 @@ from mimkit.viz import reconstruction_grid, save_png
 
 log = logging.getLogger("mimkit")
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite; the run stops and the last checkpoint is left as it was."""
 
 
@@ -81,19 +81,6 @@ def compile_blocks(model: nn.Module) -> None:
             block.compile()
 
 
-def _reduce_logs(first_bad: torch.Tensor, loss_sum: torch.Tensor, extra_sums: dict, images: int):
-    """At a log step of a process group: the mean of the loss sums (and extras) over processes, the
-    images of all, and the first non-finite step of any (so that all stop together)."""
-    keys = sorted(extra_sums)
-    world = dist.world_size()
-    count = torch.tensor(float(images), device=loss_sum.device)
-    sums = dist.all_reduce(torch.stack([loss_sum, *(extra_sums[k] for k in keys), count]))
-    never = torch.iinfo(torch.long).max
-    first = dist.all_reduce(torch.where(first_bad < 0, never, first_bad), "min")
-    first = torch.where(first == never, -1, first)
-    return first, sums[0] / world, {k: sums[1 + i] / world for i, k in enumerate(keys)}, int(sums[-1].item())
-
-
 @dataclass
 class StepInfo:
     """What a hook sees after each optimizer step."""
@@ -116,45 +103,223 @@ LossFn = Callable[[nn.Module, dict, torch.Generator], "tuple[torch.Tensor, dict]
 parts of a composite loss): augmentation and forward of one task."""
 
 
+class LossWindow:
+    """The loss (and the parts a task logs) summed on the device over the steps since the last log, with
+    the images seen and the first non-finite step: one host sync per log step, none per step."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # step of the first non-finite loss
+        self.loss, self.extra = torch.zeros((), device=device), {}
+        self.images, self.steps, self.timer = 0, 0, time.perf_counter()
+
+    def add(self, step: int, loss: torch.Tensor, extra: dict, scale: float, images: int) -> None:
+        """One micro-batch's `loss` (already multiplied by `scale`: weight / accumulation) and `extra` terms."""
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+        self.loss += loss.detach().float()
+        for key, value in extra.items():
+            self.extra[key] = self.extra.get(key, 0.0) + value.detach().float() * scale
+        self.images += images
+
+    def record(self) -> dict:
+        """The means over the window (over processes too), then a new window. Raises when a loss was not
+        finite, or when the window saw no image at all."""
+        keys, world = sorted(self.extra), dist.world_size()
+        sums = torch.stack([self.loss, *(self.extra[k] for k in keys),
+                            torch.tensor(float(self.images), device=self.loss.device)])
+        never = torch.iinfo(torch.long).max
+        first = dist.all_reduce(torch.where(self.first_bad < 0, never, self.first_bad), "min").item()
+        sums = dist.all_reduce(sums) / world
+        if first != never:
+            raise NonFiniteLossError(f"non-finite loss at step {first + 1}")
+        images = round(sums[-1].item() * world)
+        if images == 0:
+            raise TrainingError(f"the last {self.steps} step(s) saw no readable image (every file of their batches "
+                                "was unreadable): nothing to train on")
+        now = time.perf_counter()
+        record = {"loss": sums[0].item() / self.steps, **{k: sums[1 + i].item() / self.steps
+                                                          for i, k in enumerate(keys)},
+                  "images_per_s": images / (now - self.timer)}
+        self.__init__(self.loss.device)
+        return record
+
+
+def _batches(loader) -> Iterator[dict]:
+    """The loader's batches; a DataLoader worker that died (killed, out of memory) ends the run in one line."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            raise TrainingError(f"a data-loading worker died ({str(e).splitlines()[0]}); the checkpoints are intact: "
+                                "resume with --resume auto (with fewer data.num_workers if memory ran out)") from None
+        yield batch
+
+
+def micro_batches(loader, per_epoch: int, run: checkpoint.Run, t: TrainConfig,
+                  strict: bool) -> Iterator[list[tuple[dict, float]]]:
+    """The micro-batches of each optimizer step, `(batch, weight)`, epoch after epoch from the run's data
+    position, which this advances. Unreadable files are recorded in `run.skipped` (strict: raised).
+
+    Alone, a micro-batch whose every file is unreadable is passed over, so that no step is counted on an
+    empty batch, and a run of them as long as ten log windows (or an epoch) stops the run. Under torchrun
+    every process must run each backward (the gradient exchange is collective): such a micro-batch is
+    the process's last readable one again, with weight 0; `LossWindow.record` stops all processes alike
+    when none saw an image."""
+    world, rank = dist.world_size(), dist.rank()
+    # Batches are shuffled, so a long run of empty ones means (nearly) nothing is readable: ten log
+    # windows' worth, or an epoch's, stops the run instead of passing over data forever.
+    patience = min(per_epoch, 10 * t.log_every * t.accum_steps)
+    empty, stand_in = 0, None
+    while True:
+        set_epoch(loader, run.epoch, run.position * t.batch_size)
+        group = []
+        for batch in _batches(loader):
+            run.position += 1
+            check_skipped(batch, strict, run.skipped)
+            weight = 1.0
+            if batch["images"].shape[0] == 0:
+                empty += 1
+                if world == 1:
+                    if empty >= patience:
+                        example = next(iter(run.skipped), "?")
+                        raise TrainingError(f"{empty} batches in a row had no readable image ({len(run.skipped)} "
+                                            f"unreadable file(s) so far, e.g. {example}): nothing to train on")
+                    continue
+                if stand_in is None:
+                    raise TrainingError(f"rank {rank}: every image of the first micro-batch is unreadable")
+                batch, weight = stand_in, 0.0
+            else:
+                empty, stand_in = 0, batch if world > 1 else None
+            group.append((batch, weight))
+            if len(group) == t.accum_steps:
+                yield group
+                group = []
+        run.epoch, run.position = run.epoch + 1, 0  # what is left of an epoch (< one step) is dropped
+
+
 def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optimizer, t: TrainConfig, *,
         out_dir: str | Path, config: dict, kind: str, strict: bool = False, num_workers: int = 0,
-        resume: str | None = None, hooks: list[Hook] = (), on_checkpoint: Callable[[int], None] | None = None,
-        ) -> dict:
+        resume: str | None = None, overwrite: bool = False, hooks: list[Hook] = (),
+        on_checkpoint: Callable[[int], None] | None = None) -> dict:
     """The one training loop: schedule, AMP, accumulation, clipping, logging, hooks, atomic checkpoints
     and exact resume, for any task whose loss `loss_fn` computes.
 
-    `resume` is None, "auto" (the latest valid checkpoint in out_dir/checkpoints, if any) or a path.
-    `config` and `kind` are stored in checkpoints so that `mimkit.load` can rebuild the model.
-    Returns a summary: final step, last logged loss, checkpoint path, skipped files, out_dir.
+    `resume` is None (a fresh run: out_dir must hold no other run, unless `overwrite`), "auto" (the latest
+    valid checkpoint in out_dir/checkpoints, if any) or a path; see `checkpoint.claim`. `config` and `kind`
+    are stored in checkpoints so that `mimkit.load` can rebuild the model. Returns a summary: final step,
+    last logged loss, checkpoint path, skipped files, out_dir.
 
     Under torchrun, every process calls `fit` with an identically initialised model and its optimizer;
     hooks and `on_checkpoint` run in every process (write files only where `is_main()`), with the
     unwrapped model (FSDP: sharded in place; its forward and `forward_features` gather the weights)."""
-    out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    device = next(model.parameters()).device
-    rank, world = dist.rank(), dist.world_size()
+    device, world = next(model.parameters()).device, dist.world_size()
     if world > 1 and not dist.is_distributed():
         raise RuntimeError(f"WORLD_SIZE={world} but this process is in no process group: call fit inside "
                            "mimkit.train.dist.process_group(device), as pretrain does")
-    sharded = world > 1 and t.strategy == "fsdp"
     loader = make_loader(dataset, t.batch_size, seed=t.seed, shuffle=True, drop_last=True, num_workers=num_workers,
-                         rank=rank, world_size=world)
-    steps_per_epoch = len(loader) // t.accum_steps
+                         rank=dist.rank(), world_size=world)
+    per_epoch = len(loader)  # micro-batches of an epoch (the loader's length shrinks when resuming mid-epoch)
+    steps_per_epoch = per_epoch // t.accum_steps
     if steps_per_epoch == 0:
-        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one optimizer step needs "
-                         f"(train.batch_size={t.batch_size} x train.accum_steps={t.accum_steps})")
+        raise TrainingError(f"the dataset has {len(dataset)} images, fewer than one optimizer step needs "
+                            f"(train.batch_size={t.batch_size} x train.accum_steps={t.accum_steps} x {world} "
+                            "process(es))")
     total_steps = t.epochs * steps_per_epoch
     last_step = min(total_steps, t.max_steps) if t.max_steps else total_steps
     effective_batch = t.batch_size * t.accum_steps * world
     base_lr = t.lr or t.blr * effective_batch / 256  # MAE's linear scaling rule
     warmup_steps = round(t.warmup_epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    generator, wrapped = _prepare(model, optimizer, t, device)
+    run = checkpoint.Run(out_dir, model, optimizer, scaler, generator, config=config, kind=kind,
+                         keep_last=t.keep_last, strategy=t.strategy, steps_per_epoch=steps_per_epoch,
+                         accum_steps=t.accum_steps)
+    resumed = run.resume(resume, overwrite)
+    if resumed is None and resume == "auto":
+        log.info("no checkpoint in %s; starting from scratch", run.dir)
+    main = is_main()
+    if main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        (run.out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    metrics = MetricsLog(run.out_dir, enabled=main, resume_step=run.step)
+    log.info("%s: %d images, %d steps/epoch, %d steps, effective batch %d, lr %.3g, device %s",
+             kind, len(dataset), steps_per_epoch, last_step, effective_batch, base_lr, device)
+
+    bar = progress(last_step, run.step, main, desc=kind)
+    window, last_loss, ckpt_path, started = LossWindow(device), float("nan"), None, time.perf_counter()
+    model.train()
+    steps = micro_batches(loader, per_epoch, run, t, strict)
+    while run.step < last_step:
+        lr = cosine_lr(run.step, total_steps, warmup_steps, base_lr, t.min_lr)  # schedule
+        set_lr(optimizer, lr)
+        group = next(steps)
+        for i, (batch, weight) in enumerate(group):
+            # DDP / FSDP exchange gradients in the last micro-step's backward only.
+            with dist.no_sync(wrapped, t.strategy, sync=i == len(group) - 1):
+                with _autocast(device, t.precision):  # forward
+                    loss, extra = loss_fn(wrapped, batch, generator)
+                    loss = loss * weight / t.accum_steps
+                window.add(run.step, loss, extra, weight / t.accum_steps, batch["images"].shape[0] if weight else 0)
+                scaler.scale(loss).backward()  # backward
+        if t.clip_grad:  # clip
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+        scaler.step(optimizer)  # step
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        window.steps += 1
+        bar.update(1)
+
+        end_of_epoch = per_epoch - run.position < t.accum_steps
+        if _over_time(t, started, run.step):
+            log.info("train.max_minutes=%g reached at step %d", t.max_minutes, run.step)
+            last_step = run.step
+        due_ckpt = end_of_epoch or run.step == last_step or (t.ckpt_every and run.step % t.ckpt_every == 0)
+        record = {}
+        if run.step % t.log_every == 0 or due_ckpt:  # log
+            try:
+                record = window.record()  # check
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(f"{e}; {run.last_good()}") from None
+            last_loss = record["loss"]
+            record = {"step": run.step, "epoch": run.step / steps_per_epoch, "loss": last_loss, "lr": lr, **record,
+                      "skipped": len(run.skipped), "time_s": time.perf_counter() - started}
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.0f}")
+        info = StepInfo(run.step, run.epoch, steps_per_epoch, end_of_epoch, model)
+        for hook in hooks:  # hooks
+            record.update(hook(info) or {})
+        if record:
+            record.setdefault("step", run.step)
+            metrics.write(record)
+        if due_ckpt:  # checkpoint
+            ckpt_path = run.save()
+            if on_checkpoint is not None:
+                on_checkpoint(run.step)
+        if end_of_epoch and main:
+            bar.write(f"epoch {run.epoch + 1}/{t.epochs}  step {run.step}  loss {last_loss:.4f}  lr {lr:.3g}")
+    bar.close()
+    metrics.close()
+    if run.skipped:
+        names = ", ".join(f"{p} ({r})" for p, r in run.skipped.items())
+        log.warning("skipped %d unreadable file(s): %s", len(run.skipped), names)
+    return {"step": run.step, "loss": last_loss, "checkpoint": ckpt_path, "skipped": list(run.skipped),
+            "out_dir": str(run.out_dir)}
+
+
+def _prepare(model: nn.Module, optimizer: torch.optim.Optimizer, t: TrainConfig, device: torch.device):
+    """The run's random stream and the model wrapped for training (memory policy, activation
+    checkpointing, compilation, DDP / FSDP): `(generator, wrapped)`."""
     # Augmentation and masks: one stream per process (rank 0's is a single process's stream). Weights
     # were initialised identically everywhere by the caller; dropout and stochastic depth draw from the
     # global generator, which each process of a group reseeds.
+    rank = dist.rank()
     generator = torch.Generator().manual_seed(t.seed + 1 + rank)
-    if world > 1:
+    if dist.world_size() > 1:
         torch.manual_seed(t.seed + 1 + rank)
     if t.keep_memory and device.type == "cpu":
         keep_freed_memory()
@@ -162,175 +327,28 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
         checkpoint_blocks(model)
     if t.compile:
         compile_blocks(model)
-    wrapped = dist.wrap(model, optimizer, t.strategy, device)  # forward and backward go through this
-
-    step, skipped = 0, {}
-    found = None
-    if resume == "auto":  # rank 0 chooses, so that every process resumes from the same checkpoint
-        found = checkpoint.load_latest(ckpt_dir) if is_main() else None
-    elif resume is not None:
-        found = (Path(resume), None)
-    path = dist.broadcast_object(found[0] if found else None)
-    if path is not None:
-        state = found[1] if found and found[1] is not None and is_main() else None
-        if sharded:
-            if not path.is_dir():
-                raise WeightsError(f"{path}: train.strategy=fsdp resumes from a sharded checkpoint directory")
-            state = checkpoint.load_sharded(path, model, optimizer)
-        else:
-            if path.is_dir():
-                raise WeightsError(f"{path}: a sharded checkpoint resumes with train.strategy=fsdp on several "
-                                   "processes (or convert it: mimkit.train.checkpoint.consolidate)")
-            state = state if state is not None else checkpoint.load(path)
-            load_checked(model, state["model"], f"checkpoint {path}")
-            optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        saved_world = state.get("world_size", 1)
-        if saved_world != world:
-            log.warning("checkpoint %s was written by %d process(es), this run has %d: the data order and "
-                        "random streams do not continue exactly", path, saved_world, world)
-        ranks = state.get("rng_ranks")
-        checkpoint.set_rng_state(ranks[rank] if ranks and rank < len(ranks) else state["rng"], generator)
-        step, skipped = state["step"], dict(state["skipped"])
-        log.info("resumed from %s at step %d", path, step)
-    elif resume == "auto":
-        log.info("no checkpoint in %s; starting from scratch", ckpt_dir)
-
-    main = is_main()
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    metrics = MetricsLog(out_dir, enabled=main, resume_step=step if found else None)
-    log.info("%s: %d images, %d steps/epoch, %d steps, effective batch %d, lr %.3g, device %s",
-             kind, len(dataset), steps_per_epoch, last_step, effective_batch, base_lr, device)
-
-    def save_checkpoint() -> Path | None:
-        """Every process calls this: rank 0 gathers the random states (and skipped files) of all."""
-        gathered = dist.gather_objects((checkpoint.rng_state(generator), skipped))
-        state, path = None, None
-        if main:
-            for _, theirs in gathered[1:]:
-                for name, reason in theirs.items():
-                    skipped.setdefault(name, reason)
-            state = {"scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
-                     "rng": gathered[0][0], "skipped": list(skipped.items()), "config": config, "method": kind,
-                     "version": mimkit.__version__}
-            if world > 1:
-                state.update(rng_ranks=[rng for rng, _ in gathered], world_size=world, strategy=t.strategy)
-        if sharded:
-            path = checkpoint.save_sharded(ckpt_dir, step, state, model, optimizer, t.keep_last)
-        elif main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}
-            path = checkpoint.save(ckpt_dir, step, state, t.keep_last)
-        if on_checkpoint is not None:
-            on_checkpoint(step)
-        return path
-
-    bar = progress(last_step, step, main, desc=kind)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # step of the first non-finite loss
-    loss_sum = torch.zeros((), device=device)
-    extra_sums: dict[str, torch.Tensor] = {}
-    images, logged_steps, last_loss, ckpt_path = 0, 0, float("nan"), None
-    stand_in = None  # with several processes: the last readable micro-batch, for an unreadable one
-    timer = started = time.perf_counter()
-    model.train()
-    while step < last_step:
-        epoch, start = divmod(step, steps_per_epoch)
-        set_epoch(loader, epoch, start * t.accum_steps * t.batch_size)
-        batches = iter(loader)
-        while step < last_step and step // steps_per_epoch == epoch:
-            lr = cosine_lr(step, total_steps, warmup_steps, base_lr, t.min_lr)
-            set_lr(optimizer, lr)
-            for micro in range(t.accum_steps):
-                batch, weight = next(batches), 1.0
-                check_skipped(batch, strict, skipped)
-                if batch["images"].shape[0] == 0:  # every file of this micro-batch was unreadable
-                    if world == 1:
-                        continue
-                    # Every process must run each backward (the gradient exchange is collective): run
-                    # the last good micro-batch again with weight 0.
-                    if stand_in is None:
-                        raise RuntimeError(f"rank {rank}: every image of the first micro-batch is unreadable")
-                    batch, weight = stand_in, 0.0
-                elif world > 1:
-                    stand_in = batch
-                images += batch["images"].shape[0] if weight else 0
-                # DDP / FSDP exchange gradients in the last micro-step's backward only.
-                with dist.no_sync(wrapped, t.strategy, sync=micro == t.accum_steps - 1):
-                    with _autocast(device, t.precision):
-                        loss, extra = loss_fn(wrapped, batch, generator)
-                        loss = loss * weight / t.accum_steps
-                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-                    loss_sum += loss.detach().float()
-                    for key, value in extra.items():  # device tensors: summed here, synced at log steps
-                        extra_sums[key] = extra_sums.get(key, 0.0) + value.detach().float() * weight / t.accum_steps
-                    scaler.scale(loss).backward()
-            if t.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            logged_steps += 1
-            bar.update(1)
-
-            end_of_epoch = step % steps_per_epoch == 0
-            over_time = bool(t.max_minutes) and time.perf_counter() - started >= 60 * t.max_minutes
-            if world > 1 and t.max_minutes:  # processes must stop together: they agree at log steps
-                over_time = step % t.log_every == 0 and dist.any_rank(over_time)
-            if over_time:
-                log.info("train.max_minutes=%g reached at step %d", t.max_minutes, step)
-                last_step = step
-            due_ckpt = end_of_epoch or step == last_step or (t.ckpt_every and step % t.ckpt_every == 0)
-            record = {}
-            if step % t.log_every == 0 or due_ckpt:
-                if world > 1:
-                    first_bad, loss_sum, extra_sums, images = _reduce_logs(first_bad, loss_sum, extra_sums, images)
-                if first_bad.item() >= 0:
-                    last = checkpoint.list_checkpoints(ckpt_dir)
-                    where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
-                    raise NonFiniteLossError(f"non-finite loss at step {first_bad.item() + 1}; {where}")
-                now = time.perf_counter()
-                last_loss = loss_sum.item() / logged_steps
-                record = {"step": step, "epoch": step / steps_per_epoch, "loss": last_loss, "lr": lr,
-                          "images_per_s": images / (now - timer), "skipped": len(skipped),
-                          "time_s": now - started}
-                record.update({k: v.item() / logged_steps for k, v in extra_sums.items()})
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.0f}")
-                loss_sum.zero_()
-                extra_sums.clear()
-                images, logged_steps, timer = 0, 0, now
-            info = StepInfo(step, epoch, steps_per_epoch, end_of_epoch, model)
-            for hook in hooks:
-                record.update(hook(info) or {})
-            if record:
-                record.setdefault("step", step)
-                metrics.write(record)
-            if due_ckpt:
-                ckpt_path = save_checkpoint()
-            if end_of_epoch and main:
-                bar.write(f"epoch {epoch + 1}/{t.epochs}  step {step}  loss {last_loss:.4f}  lr {lr:.3g}")
-    bar.close()
-    metrics.close()
-    if skipped:
-        names = ", ".join(f"{p} ({r})" for p, r in skipped.items())
-        log.warning("skipped %d unreadable file(s): %s", len(skipped), names)
-    return {"step": step, "loss": last_loss, "checkpoint": ckpt_path, "skipped": list(skipped),
-            "out_dir": str(out_dir)}
+    return generator, dist.wrap(model, optimizer, t.strategy, device)  # forward and backward go through this
 
 
-def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = ()) -> dict:
+def _over_time(t: TrainConfig, started: float, step: int) -> bool:
+    """Whether train.max_minutes is spent; processes must stop together, so they agree at log steps."""
+    over = bool(t.max_minutes) and time.perf_counter() - started >= 60 * t.max_minutes
+    if dist.world_size() > 1 and t.max_minutes:
+        over = step % t.log_every == 0 and dist.any_rank(over)
+    return over
+
+
+def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = (), overwrite: bool = False) -> dict:
     """Pretrain `cfg.method` on `cfg.data` with `fit`; write checkpoints, metrics.jsonl, pictures and
-    config.yaml under `cfg.out_dir`. See `fit` for `resume`, `hooks` and the summary returned.
+    config.yaml under `cfg.out_dir`. See `fit` for `resume`, `overwrite`, `hooks` and the summary returned.
 
     Started by torchrun (WORLD_SIZE > 1), every process joins the process group here and trains its
     share of each batch (`train.strategy`); `out_dir` must be on a filesystem all nodes share."""
     with process_group(pick_device(cfg.train.device)):
-        return _pretrain(cfg, resume, hooks)
+        return _pretrain(cfg, resume, hooks, overwrite)
 
 
-def _pretrain(cfg: Config, resume: str | None, hooks: list[Hook]) -> dict:
+def _pretrain(cfg: Config, resume: str | None, hooks: list[Hook], overwrite: bool) -> dict:
     t, d = cfg.train, cfg.data
     model_cfg = resolve_model_config(cfg.method, cfg.model)
     device = pick_device(t.device)
@@ -358,8 +376,8 @@ def _pretrain(cfg: Config, resume: str | None, hooks: list[Hook]) -> dict:
                 save_png(grid, Path(cfg.out_dir) / "pictures" / f"recon-{step:08d}.png")
 
     return fit(model, loss_fn, dataset, optimizer, t, out_dir=cfg.out_dir, config=resolved_config(cfg),
-               kind=cfg.method, strict=d.strict, num_workers=d.num_workers, resume=resume, hooks=hooks,
-               on_checkpoint=picture)
+               kind=cfg.method, strict=d.strict, num_workers=d.num_workers, resume=resume, overwrite=overwrite,
+               hooks=hooks, on_checkpoint=picture)
 
 
 def _picture_batch(dataset, n: int, img_size: int, d) -> torch.Tensor | None:
