@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 import mimkit
 from mimkit.serialization import SHARDED_META, WeightsError, dcp_load, read_sharded, read_sharded_meta, read_torch
@@ -323,7 +324,12 @@ class Run:
             raise error
         if message is not None:  # rank 0 refused: every process stops with its reason
             raise TrainingError(message)
+        if self.dist.is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
         if path is None:
+            if resume == "auto":
+                log.info("no checkpoint in %s; starting from scratch", self.dir)
             return None
         state = claimed[1] if claimed else None
         if self.sharded:

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import IterableDataset
 
@@ -201,6 +201,34 @@ def micro_batches(loader, per_epoch: int, run: checkpoint.Run, t: TrainConfig,
         run.epoch, run.position = run.epoch + 1, 0  # what is left of an epoch (< one step) is dropped
 
 
+class Plan(NamedTuple):
+    """How long a run is and its learning-rate schedule, from the loader's length and the config."""
+
+    per_epoch: int
+    """Micro-batches of an epoch, per process (taken before any resume shortens the loader)."""
+    steps_per_epoch: int
+    total_steps: int
+    """Steps of the schedule: epochs x steps per epoch."""
+    last_step: int
+    """Where the run stops: total_steps, or train.max_steps if smaller."""
+    effective_batch: int
+    base_lr: float
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, per_epoch: int, images: int, t: TrainConfig, world: int) -> Plan:
+        steps_per_epoch = per_epoch // t.accum_steps
+        if steps_per_epoch == 0:
+            raise TrainingError(f"the dataset has {images} images, fewer than one optimizer step needs "
+                                f"(train.batch_size={t.batch_size} x train.accum_steps={t.accum_steps} x {world} "
+                                "process(es))")
+        total = t.epochs * steps_per_epoch
+        effective_batch = t.batch_size * t.accum_steps * world
+        return cls(per_epoch, steps_per_epoch, total, min(total, t.max_steps) if t.max_steps else total,
+                   effective_batch, t.lr or t.blr * effective_batch / 256,  # MAE's linear scaling rule
+                   round(t.warmup_epochs * steps_per_epoch))
+
+
 def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optimizer, t: TrainConfig, *,
         out_dir: str | Path, config: dict, kind: str, strict: bool = False, num_workers: int = 0,
         resume: str | None = None, overwrite: bool = False, hooks: list[Hook] = (),
@@ -222,41 +250,25 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
                            "mimkit.train.dist.process_group(device), as pretrain does")
     loader = make_loader(dataset, t.batch_size, seed=t.seed, shuffle=True, drop_last=True, num_workers=num_workers,
                          rank=dist.rank(), world_size=world)
-    per_epoch = len(loader)  # micro-batches of an epoch (the loader's length shrinks when resuming mid-epoch)
-    steps_per_epoch = per_epoch // t.accum_steps
-    if steps_per_epoch == 0:
-        raise TrainingError(f"the dataset has {len(dataset)} images, fewer than one optimizer step needs "
-                            f"(train.batch_size={t.batch_size} x train.accum_steps={t.accum_steps} x {world} "
-                            "process(es))")
-    total_steps = t.epochs * steps_per_epoch
-    last_step = min(total_steps, t.max_steps) if t.max_steps else total_steps
-    effective_batch = t.batch_size * t.accum_steps * world
-    base_lr = t.lr or t.blr * effective_batch / 256  # MAE's linear scaling rule
-    warmup_steps = round(t.warmup_epochs * steps_per_epoch)
+    plan = Plan.of(len(loader), len(dataset), t, world)
+    last_step, main = plan.last_step, is_main()
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     generator, wrapped = _prepare(model, optimizer, t, device)
     run = checkpoint.Run(out_dir, model, optimizer, scaler, generator, config=config, kind=kind,
-                         keep_last=t.keep_last, strategy=t.strategy, steps_per_epoch=steps_per_epoch,
+                         keep_last=t.keep_last, strategy=t.strategy, steps_per_epoch=plan.steps_per_epoch,
                          accum_steps=t.accum_steps)
-    resumed = run.resume(resume, overwrite)
-    if resumed is None and resume == "auto":
-        log.info("no checkpoint in %s; starting from scratch", run.dir)
-    main = is_main()
-    if main:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
-        (run.out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    run.resume(resume, overwrite)
     metrics = MetricsLog(run.out_dir, enabled=main, resume_step=run.step)
-    log.info("%s: %d images, %d steps/epoch, %d steps, effective batch %d, lr %.3g, device %s",
-             kind, len(dataset), steps_per_epoch, last_step, effective_batch, base_lr, device)
+    log.info("%s: %d images, %d steps/epoch, %d steps, effective batch %d, lr %.3g, device %s", kind,
+             len(dataset), plan.steps_per_epoch, last_step, plan.effective_batch, plan.base_lr, device)
 
     bar = progress(last_step, run.step, main, desc=kind)
     window, last_loss, ckpt_path, started = LossWindow(device), float("nan"), None, time.perf_counter()
     model.train()
-    steps = micro_batches(loader, per_epoch, run, t, strict)
+    steps = micro_batches(loader, plan.per_epoch, run, t, strict)
     while run.step < last_step:
-        lr = cosine_lr(run.step, total_steps, warmup_steps, base_lr, t.min_lr)  # schedule
-        set_lr(optimizer, lr)
-        group = next(steps)
+        lr = set_lr(optimizer, cosine_lr(run.step, plan.total_steps, plan.warmup_steps, plan.base_lr, t.min_lr))
+        group = next(steps)  # the data of one optimizer step
         for i, (batch, weight) in enumerate(group):
             # DDP / FSDP exchange gradients in the last micro-step's backward only.
             with dist.no_sync(wrapped, t.strategy, sync=i == len(group) - 1):
@@ -274,8 +286,7 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
         run.step += 1
         window.steps += 1
         bar.update(1)
-
-        end_of_epoch = per_epoch - run.position < t.accum_steps
+        end_of_epoch = plan.per_epoch - run.position < t.accum_steps
         if _over_time(t, started, run.step):
             log.info("train.max_minutes=%g reached at step %d", t.max_minutes, run.step)
             last_step = run.step
@@ -287,15 +298,14 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(f"{e}; {run.last_good()}") from None
             last_loss = record["loss"]
-            record = {"step": run.step, "epoch": run.step / steps_per_epoch, "loss": last_loss, "lr": lr, **record,
+            record = {"step": run.step, "epoch": run.step / plan.steps_per_epoch, "loss": last_loss, "lr": lr, **record,
                       "skipped": len(run.skipped), "time_s": time.perf_counter() - started}
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.0f}")
-        info = StepInfo(run.step, run.epoch, steps_per_epoch, end_of_epoch, model)
+        info = StepInfo(run.step, run.epoch, plan.steps_per_epoch, end_of_epoch, model)
         for hook in hooks:  # hooks
             record.update(hook(info) or {})
         if record:
-            record.setdefault("step", run.step)
-            metrics.write(record)
+            metrics.write({"step": run.step, **record})
         if due_ckpt:  # checkpoint
             ckpt_path = run.save()
             if on_checkpoint is not None:
