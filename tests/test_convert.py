@@ -21,9 +21,9 @@ from mimkit.convert import (
     read_weights,
 )
 from mimkit.export import export, timm_state_dict
-from mimkit.serialization import read_torch
 from mimkit.models import build_model
 from mimkit.models.vit import VisionTransformer, resample_pos_embed
+from mimkit.serialization import read_torch
 
 transformers = pytest.importorskip("transformers")  # a dev dependency; CI installs it
 

@@ -58,7 +58,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         from mimkit.eval.knn import KNNMonitor
 
         hooks.append(KNNMonitor.from_config(cfg))
-    summary = pretrain(cfg, resume=args.resume, hooks=hooks)
+    summary = pretrain(cfg, resume=args.resume, hooks=hooks, overwrite=args.overwrite)
     from mimkit.train.dist import is_main
 
     if is_main():  # under torchrun every process gets here; one writes
@@ -86,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.data is not None:
         overrides.insert(0, f"data.root={args.data}")
     cfg = load_eval_config(args.protocol, args.config, overrides, base=base)
-    result = evaluate(cfg, resume=args.resume, model=load(weights))
+    result = evaluate(cfg, resume=args.resume, model=load(weights), overwrite=args.overwrite)
     from mimkit.train.dist import is_main
 
     if not is_main():  # under torchrun every process gets here; one writes
@@ -148,6 +148,7 @@ def _add_weight_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-num-heads", type=int, default=None, metavar="N",
                    help="MAE decoder attention heads, for decoder widths other than 512")
     p.add_argument("--encoder-only", action="store_true", help="drop the decoder, keep the encoder")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
 
 
 def _load_for_writing(args: argparse.Namespace):
@@ -161,10 +162,11 @@ def _load_for_writing(args: argparse.Namespace):
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from mimkit.convert import architecture_of, describe
-    from mimkit.export import save_official, save_safetensors
+    from mimkit.export import export
 
     model = _load_for_writing(args)
-    out = (save_safetensors if Path(args.out).suffix == ".safetensors" else save_official)(model, args.out)
+    to = "safetensors" if Path(args.out).suffix == ".safetensors" else "official"
+    out = export(model, args.out, to, overwrite=args.overwrite)
     print(f"wrote {out}: {describe(*architecture_of(model))}")
 
 
@@ -175,7 +177,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     model = _load_for_writing(args)
     if args.to == "timm":
         model = encoder_of(model)
-    out = export(model, args.out, args.to)
+    out = export(model, args.out, args.to, overwrite=args.overwrite)
     print(f"wrote {out} ({args.to}): {describe(*architecture_of(model))}")
 
 
@@ -197,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--resume", default=None,
                    help="'auto' resumes from the latest valid checkpoint in out_dir (if any); or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an out_dir that holds another run, deleting its checkpoints and logs")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--help-config", action="store_true", help="list every config key with its meaning")
     p.set_defaults(func=cmd_pretrain)
@@ -240,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="labelled data (data.root): a folder, CIFAR-10 source or 'builtin'")
     p.add_argument("--config", default=None, help="YAML recipe, e.g. configs/eval/linear_cifar10.yaml")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path (supervised protocols)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an out_dir that holds another run")
     p.add_argument("--help-config", action="store_true", help="list every evaluation config key")
     p.set_defaults(func=cmd_eval)
 
@@ -261,16 +266,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mimkit.convert import WeightsError
-    from mimkit.data import BadImageError
-    from mimkit.train.loop import NonFiniteLossError
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; `section.key=value` overrides may also follow options (e.g. after
+    `--resume PATH`), which argparse alone rejects."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
+    return args
 
-    args = build_parser().parse_args(argv)
+
+def anticipated_errors() -> tuple[type[BaseException], ...]:
+    """What bad input, bad configuration or the environment raises: `main` reports them in one line.
+    Anything else is a bug and keeps its traceback."""
+    from mimkit.data import BadImageError, DataError
+    from mimkit.serialization import WeightsError
+    from mimkit.train.checkpoint import TrainingError
+
+    return ConfigError, WeightsError, BadImageError, DataError, TrainingError, OSError
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.filename}: {e.strerror or e}"
+    return " ".join(text.split()) or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="mimkit: %(message)s")
     try:
         args.func(args)
-    except (ConfigError, WeightsError, BadImageError, NonFiniteLossError, FileNotFoundError) as e:
-        print(f"mimkit: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("mimkit: interrupted", file=sys.stderr)
+        return 130
+    except anticipated_errors() as e:
+        print(f"mimkit: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0

@@ -19,11 +19,18 @@ Targets (`export(model, out, to)`, `mimkit export CKPT --to ...`):
   safetensors  every weight, plus a JSON header entry `mimkit` = {"method", "model", "version"}
                (method and model config) from which `mimkit.load` rebuilds the model.
 `img_size` resamples the position embeddings (bicubic) first; `encoder_only` drops a decoder.
+
+An export never replaces an existing file or directory unless `overwrite`, and is written beside its
+place and renamed into it when complete (fsynced), so a failed write leaves nothing behind and
+raises a one-line `WeightsError` with the OS's reason.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,6 +45,7 @@ from mimkit.convert import (
     mae_to_hf,
     with_img_size,
 )
+from mimkit.serialization import fsync_dir, os_error, os_reason
 
 TARGETS = ("timm", "official", "hf", "safetensors")
 
@@ -137,15 +145,60 @@ def save_hf(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in (sorted(path.iterdir()) if path.is_dir() else [path]):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def write_new(out: str | Path, write: Callable[[Path], object], overwrite: bool = False) -> Path:
+    """Run `write(tmp)` (which writes a file or a directory at `tmp`) and rename the result to `out`:
+    refused when `out` exists unless `overwrite`; on a failure nothing is left and the `WeightsError`
+    names `out` and the OS's reason."""
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise WeightsError(f"{out} exists: pass --overwrite (overwrite=True) to replace it")
+    tmp, old = out.with_name(f".tmp-{out.name}"), out.with_name(f".old-{out.name}")  # suffix kept
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
+        write(tmp)
+        _fsync_tree(tmp)
+        if out.exists() or out.is_symlink():
+            _remove(old)
+            os.replace(out, old)  # a directory cannot be renamed over, so the old one steps aside
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+        _remove(old)
+    except Exception as e:
+        cause = os_error(e)
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        if cause is None:
+            raise
+        raise WeightsError(f"cannot write {out}: {os_reason(cause)}") from None
+    return out
+
+
 WRITERS = {"timm": save_timm, "official": save_official, "hf": save_hf, "safetensors": save_safetensors}
 
 
 def export(model: nn.Module, out: str | Path, to: str, img_size: int | None = None,
-           encoder_only: bool = False) -> Path:
+           encoder_only: bool = False, overwrite: bool = False) -> Path:
     """Write `model` to `out` as `to` (one of `TARGETS`); returns the path written.
 
     `img_size` resamples the position embeddings (bicubic) to that resolution first;
-    `encoder_only` drops the decoder (for `official`, `hf` and `safetensors`; `timm` always does).
+    `encoder_only` drops the decoder (for `official`, `hf` and `safetensors`; `timm` always does);
+    an existing `out` is replaced only with `overwrite` (see the module docstring).
     """
     if to not in WRITERS:
         raise WeightsError(f"unknown export target {to!r} (known: {', '.join(TARGETS)})")
@@ -153,5 +206,4 @@ def export(model: nn.Module, out: str | Path, to: str, img_size: int | None = No
         model = with_img_size(model, img_size)
     if encoder_only:
         model = encoder_of(model)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    return WRITERS[to](model, out)
+    return write_new(out, lambda tmp: WRITERS[to](model, tmp), overwrite)

@@ -15,6 +15,8 @@ an object outside an allow-list.
 
 A refused file raises `WeightsError` (or `pickle.UnpicklingError` from `Unpickler`) naming what it
 holds; a global is never resolved, so never run, before it is checked.
+
+Writing: `fsync_dir` and `os_error` are the pieces every durable write (checkpoints, exports) uses.
 """
 
 from __future__ import annotations
@@ -38,6 +40,31 @@ class WeightsError(ValueError):
 SHARDED_META = "state.pt"  # a sharded (FSDP) training checkpoint's non-tensor state, beside DCP's files
 DCP_METADATA = ".metadata"
 MAX_DCP_METADATA_BYTES = 1 << 30  # a ViT-H checkpoint's metadata is a few MB
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename (or a deletion) in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind `e` (torch.save and safetensors report a failed write as an error whose
+    cause or context it is), or None."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def os_reason(e: OSError) -> str:
+    """An OS error in words, e.g. "disk full ([Errno 28])"."""
+    import errno
+
+    reason = "disk full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+    return f"{reason} ([Errno {e.errno}])" if e.errno is not None else reason
 
 
 # --------------------------------------------------------------------------- allow-lists and the unpickler

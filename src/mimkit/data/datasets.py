@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import io
 import os
-import pickle
 import shutil
 import tarfile
 import tempfile
@@ -32,6 +31,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from mimkit.serialization import cifar_globals, unpickle
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -43,6 +44,11 @@ KNOWN_CHECKSUMS = {
 }
 _CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 _CACHE_VERSION = 1  # bump when the cached arrays change meaning
+
+
+class DataError(ValueError):
+    """Data that cannot be used as a whole (an empty folder, a malformed shard index, a source that
+    yields no readable image); the message is one line and names the path."""
 
 
 class BadImageError(ValueError):
@@ -326,26 +332,10 @@ def _iter_files(src: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, 
         raise ValueError(f"{src}: cannot read as a tar archive ({type(e).__name__}: {e})") from e
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles only what CIFAR-10 batches hold (dicts, lists, numpy arrays): a source given by
-    path or detected by content must not be able to run code."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-        return super().find_class(module, name)
-
-
 def _unpickle_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     """A pickled CIFAR-10 batch -> images uint8 (n, 3, 32, 32), labels int64 (n,)."""
     try:
-        d = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
+        d = unpickle(data, cifar_globals(), encoding="bytes")
         images = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # rows are R, G, B planes
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:  # any malformed pickle, as for images

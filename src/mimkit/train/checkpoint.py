@@ -20,7 +20,6 @@ DCP reshards on load, so such a checkpoint resumes on any number of processes; `
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
@@ -33,7 +32,17 @@ import torch
 import yaml
 
 import mimkit
-from mimkit.serialization import SHARDED_META, WeightsError, dcp_load, read_sharded, read_sharded_meta, read_torch
+from mimkit.serialization import (
+    SHARDED_META,
+    WeightsError,
+    dcp_load,
+    fsync_dir,
+    os_error,
+    os_reason,
+    read_sharded,
+    read_sharded_meta,
+    read_torch,
+)
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^checkpoint-(\d{8})(\.pt)?$")  # a file, or a sharded checkpoint's directory
@@ -107,20 +116,6 @@ def _step_of(path: Path) -> int:
     return int(PATTERN.match(path.name)[1])
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind `e` (torch.save reports a failed write as a RuntimeError whose context it is)."""
-    while e is not None and not isinstance(e, OSError):
-        e = e.__cause__ or e.__context__
-    return e
-
 
 def write_atomic(path: str | Path, state: object) -> Path:
     """`torch.save(state)` to `path` so that a crash or power loss leaves the old file or the new one,
@@ -134,15 +129,13 @@ def write_atomic(path: str | Path, state: object) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except Exception as e:
         tmp.unlink(missing_ok=True)
-        cause = _os_error(e)
+        cause = os_error(e)
         if cause is None:
             raise
-        reason = "disk full" if cause.errno == errno.ENOSPC else cause.strerror or str(cause)
-        raise TrainingError(f"cannot write {path}: {reason} ([Errno {cause.errno}]); the previous checkpoint "
-                            "is intact") from None
+        raise TrainingError(f"cannot write {path}: {os_reason(cause)}; the previous checkpoint is intact") from None
     return path
 
 
@@ -252,7 +245,7 @@ def save_sharded(directory: str | Path, step: int, meta: dict | None, model: tor
         write_atomic(tmp / META, meta)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         _prune(directory, keep_last, path)
     dist.barrier()  # nobody reads or prunes while rank 0 renames
     return path

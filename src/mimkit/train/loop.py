@@ -266,54 +266,56 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
     window, last_loss, ckpt_path, started = LossWindow(device), float("nan"), None, time.perf_counter()
     model.train()
     steps = micro_batches(loader, plan.per_epoch, run, t, strict)
-    while run.step < last_step:
-        lr = set_lr(optimizer, cosine_lr(run.step, plan.total_steps, plan.warmup_steps, plan.base_lr, t.min_lr))
-        group = next(steps)  # the data of one optimizer step
-        for i, (batch, weight) in enumerate(group):
-            # DDP / FSDP exchange gradients in the last micro-step's backward only.
-            with dist.no_sync(wrapped, t.strategy, sync=i == len(group) - 1):
-                with _autocast(device, t.precision):  # forward
-                    loss, extra = loss_fn(wrapped, batch, generator)
-                    loss = loss * weight / t.accum_steps
-                window.add(run.step, loss, extra, weight / t.accum_steps, batch["images"].shape[0] if weight else 0)
-                scaler.scale(loss).backward()  # backward
-        if t.clip_grad:  # clip
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-        scaler.step(optimizer)  # step
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        run.step += 1
-        window.steps += 1
-        bar.update(1)
-        end_of_epoch = plan.per_epoch - run.position < t.accum_steps
-        if _over_time(t, started, run.step):
-            log.info("train.max_minutes=%g reached at step %d", t.max_minutes, run.step)
-            last_step = run.step
-        due_ckpt = end_of_epoch or run.step == last_step or (t.ckpt_every and run.step % t.ckpt_every == 0)
-        record = {}
-        if run.step % t.log_every == 0 or due_ckpt:  # log
-            try:
-                record = window.record()  # check
-            except NonFiniteLossError as e:
-                raise NonFiniteLossError(f"{e}; {run.last_good()}") from None
-            last_loss = record["loss"]
-            record = {"step": run.step, "epoch": run.step / plan.steps_per_epoch, "loss": last_loss, "lr": lr, **record,
-                      "skipped": len(run.skipped), "time_s": time.perf_counter() - started}
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.0f}")
-        info = StepInfo(run.step, run.epoch, plan.steps_per_epoch, end_of_epoch, model)
-        for hook in hooks:  # hooks
-            record.update(hook(info) or {})
-        if record:
-            metrics.write({"step": run.step, **record})
-        if due_ckpt:  # checkpoint
-            ckpt_path = run.save()
-            if on_checkpoint is not None:
-                on_checkpoint(run.step)
-        if end_of_epoch and main:
-            bar.write(f"epoch {run.epoch + 1}/{t.epochs}  step {run.step}  loss {last_loss:.4f}  lr {lr:.3g}")
-    bar.close()
-    metrics.close()
+    try:
+        while run.step < last_step:
+            lr = set_lr(optimizer, cosine_lr(run.step, plan.total_steps, plan.warmup_steps, plan.base_lr, t.min_lr))
+            group = next(steps)  # the data of one optimizer step
+            for i, (batch, weight) in enumerate(group):
+                # DDP / FSDP exchange gradients in the last micro-step's backward only.
+                with dist.no_sync(wrapped, t.strategy, sync=i == len(group) - 1):
+                    with _autocast(device, t.precision):  # forward
+                        loss, extra = loss_fn(wrapped, batch, generator)
+                        loss = loss * weight / t.accum_steps
+                    window.add(run.step, loss, extra, weight / t.accum_steps, batch["images"].shape[0] if weight else 0)
+                    scaler.scale(loss).backward()  # backward
+            if t.clip_grad:  # clip
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+            scaler.step(optimizer)  # step
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            window.steps += 1
+            bar.update(1)
+            end_of_epoch = plan.per_epoch - run.position < t.accum_steps
+            if _over_time(t, started, run.step):
+                log.info("train.max_minutes=%g reached at step %d", t.max_minutes, run.step)
+                last_step = run.step
+            due_ckpt = end_of_epoch or run.step == last_step or (t.ckpt_every and run.step % t.ckpt_every == 0)
+            record = {}
+            if run.step % t.log_every == 0 or due_ckpt:  # log
+                try:
+                    record = window.record()  # check
+                except NonFiniteLossError as e:
+                    raise NonFiniteLossError(f"{e}; {run.last_good()}") from None
+                last_loss = record["loss"]
+                record = {"step": run.step, "epoch": run.step / plan.steps_per_epoch, "loss": last_loss, "lr": lr,
+                          **record, "skipped": len(run.skipped), "time_s": time.perf_counter() - started}
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.0f}")
+            info = StepInfo(run.step, run.epoch, plan.steps_per_epoch, end_of_epoch, model)
+            for hook in hooks:  # hooks
+                record.update(hook(info) or {})
+            if record:
+                metrics.write({"step": run.step, **record})
+            if due_ckpt:  # checkpoint
+                ckpt_path = run.save()
+                if on_checkpoint is not None:
+                    on_checkpoint(run.step)
+            if end_of_epoch and main:
+                bar.write(f"epoch {run.epoch + 1}/{t.epochs}  step {run.step}  loss {last_loss:.4f}  lr {lr:.3g}")
+    finally:  # an error ends the progress line before it is reported
+        bar.close()
+        metrics.close()
     if run.skipped:
         names = ", ".join(f"{p} ({r})" for p, r in run.skipped.items())
         log.warning("skipped %d unreadable file(s): %s", len(run.skipped), names)
