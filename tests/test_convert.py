@@ -134,7 +134,7 @@ def test_timm_files_round_trip_the_encoder(tmp_path):
     for kind in ("mae", "encoder", "classifier", "classifier_avg"):
         model = MODELS[kind]()
         for name in ("timm.pth", "timm.safetensors"):
-            back = load(export(model, tmp_path / name, "timm"))
+            back = load(export(model, tmp_path / name, "timm", overwrite=True))
             assert type(back) is VisionTransformer
             enc = model.encoder_state_dict() if kind == "mae" else model.state_dict()
             assert back.state_dict().keys() == enc.keys()

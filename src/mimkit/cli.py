@@ -9,7 +9,7 @@ import sys
 import typing
 from pathlib import Path
 
-from mimkit.config import Config, ConfigError, DataConfig, field_docs, load_config
+from mimkit.config import Config, ConfigError, DataConfig, check_run, field_docs, load_config
 
 EPILOG = """overrides: any config field as section.key=value (values are YAML), e.g.
   train.epochs=2 train.batch_size=32 model.norm_pix_loss=true data.root=path/to/images
@@ -51,6 +51,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     if args.print_config:
         import yaml
 
+        check_run(cfg)
         print(yaml.safe_dump(resolved_config(cfg), sort_keys=False), end="")
         return
     hooks = []
@@ -107,15 +108,14 @@ def cmd_visualize(args: argparse.Namespace) -> None:
 
     from mimkit.config import from_dict
     from mimkit.convert import load, read_weights
-    from mimkit.data import EvalTransform, build_dataset
+    from mimkit.data import EvalTransform, dataset_of
     from mimkit.viz import save_reconstruction
 
     weights = read_weights(args.checkpoint)  # read once: the weights and the data settings they were trained on
     model = load(weights)
     given = {k: v for k, v in (("root", args.data), ("dataset", args.dataset), ("split", args.split)) if v is not None}
     d = from_dict(DataConfig, weights.data | given, prefix="data.")
-    dataset = build_dataset(d.dataset, d.root, d.split, img_size=model.img_size, load_size=d.load_size,
-                            strict=False, cache_dir=d.cache_dir, limit=0)
+    dataset = dataset_of(d, model.img_size, limit=0, strict=False)
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(dataset), generator=g)[: args.num * 2].tolist()
     imgs = [x for x in (dataset[i][0] for i in idx) if x is not None][: args.num]

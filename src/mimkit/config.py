@@ -12,6 +12,8 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
+import os
 import re
 import types
 import typing
@@ -58,13 +60,26 @@ class DataConfig:
     """Use only N samples spread evenly over the dataset (0 = all), for quick runs."""
     shuffle_buffer: int = 1000
     """Shards: samples read into memory and shuffled together (after the shard order is shuffled per epoch)."""
+    max_member_bytes: int = 1 << 26
+    """Shards: a member larger than this many bytes (default 64 MiB) is skipped as unreadable, never read."""
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, ("cifar10", "folder", "shards"))
-        if self.shuffle_buffer < 1:
-            raise ConfigError(f"data.shuffle_buffer: must be >= 1, got {self.shuffle_buffer!r}")
+        for name in ("shuffle_buffer", "max_member_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)!r}")
         check_choice("data.split", self.split, ("train", "test"))
         check_range("data.scale", self.scale, 0.0, 1.0)
+        if self.scale[1] <= 0:
+            raise ConfigError(f"data.scale: max must be > 0, got {list(self.scale)}")
+        check_range("data.ratio", self.ratio, 0.0, math.inf)
+        check_positive("data.ratio", self.ratio[0])
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if not all(math.isfinite(v) for v in values):
+                raise ConfigError(f"data.{name}: must be finite, got {list(values)}")
+        if not all(v > 0 for v in self.std):
+            raise ConfigError(f"data.std: every value must be > 0, got {list(self.std)}")
+        check_nonneg("data.load_size", self.load_size)
         check_nonneg("data.limit", self.limit)
         check_nonneg("data.num_workers", self.num_workers)
 
@@ -133,6 +148,10 @@ class TrainConfig:
         for name in ("blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "max_steps", "max_minutes",
                      "ckpt_every", "vis_images"):
             check_nonneg(f"train.{name}", getattr(self, name))
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas: each must be in [0, 1), got {list(self.betas)}")
+        if not (self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device)):
+            raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
 
 
 @dataclass
@@ -153,6 +172,10 @@ class MonitorConfig:
     def __post_init__(self) -> None:
         check_choice("monitor.pool", self.pool, ("cls", "mean"))
         check_nonneg("monitor.every_epochs", self.every_epochs)
+        for name in ("bank_size", "query_size", "k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"monitor.{name}: must be >= 1, got {getattr(self, name)!r}")
+        check_positive("monitor.temperature", self.temperature)
 
 
 @dataclass
@@ -192,6 +215,11 @@ class ProbeConfig:
     def __post_init__(self) -> None:
         check_choice("probe.pool", self.pool, ("cls", "mean"))
         check_choice("probe.optimizer", self.optimizer, ("lars", "sgd"))
+        for name in ("k", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"probe.{name}: must be >= 1, got {getattr(self, name)!r}")
+        check_positive("probe.temperature", self.temperature)
+        check_nonneg("probe.num_heads", self.num_heads)
 
 
 @dataclass
@@ -223,6 +251,15 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_choice("finetune.global_pool", self.global_pool, ("avg", "token"))
+        for name in ("layer_decay", "mix_prob", "switch_prob", "reprob", "smoothing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"finetune.{name}: must be in [0, 1], got {getattr(self, name)!r}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"finetune.drop_path: must be in [0, 1), got {self.drop_path!r}")
+        for name in ("mixup", "cutmix", "randaug_n"):
+            check_nonneg(f"finetune.{name}", getattr(self, name))
+        if not 0 <= self.randaug_m <= 30:
+            raise ConfigError(f"finetune.randaug_m: must be in [0, 30], got {self.randaug_m!r}")
 
 
 @dataclass
@@ -252,6 +289,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_choice("protocol", self.protocol, tuple(PROTOCOL_DEFAULTS))
         check_choice("val_split", self.val_split, ("train", "test"))
+        check_nonneg("img_size", self.img_size)
+        if not 0.0 <= self.crop_pct <= 1.0:
+            raise ConfigError(f"crop_pct: must be in [0, 1] (0 = off), got {self.crop_pct!r}")
 
 
 # The papers' recipes (MAE appendix A.2 / A.1, CAE section 4); recipes under configs/eval override them.
@@ -295,13 +335,54 @@ def check_choice(key: str, value: Any, choices: tuple) -> None:
 
 
 def check_nonneg(key: str, value: float) -> None:
-    if value < 0:
-        raise ConfigError(f"{key}: must be >= 0, got {value!r}")
+    if not value >= 0 or value == math.inf:  # NaN fails every comparison
+        raise ConfigError(f"{key}: must be a finite number >= 0, got {value!r}")
+
+
+def check_positive(key: str, value: float) -> None:
+    if not 0 < value < math.inf:
+        raise ConfigError(f"{key}: must be a finite number > 0, got {value!r}")
+
+
+def check_open_unit(key: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"{key}: must be in (0, 1), got {value!r}")
+
+
+def check_divides(key: str, value: int, of_key: str, of: int) -> None:
+    if of % value:
+        raise ConfigError(f"{key}: {value} does not divide {of_key}={of}")
 
 
 def check_range(key: str, pair: tuple[float, float], lo: float, hi: float) -> None:
     if not (lo <= pair[0] <= pair[1] <= hi):
         raise ConfigError(f"{key}: expected {lo} <= min <= max <= {hi}, got {list(pair)}")
+
+
+def check_device(key: str, device: str) -> None:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, available on this machine."""
+    if device in ("auto", "cpu"):
+        return
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise ConfigError(f"{key}: {device!r} is not one of auto, cpu, cuda, cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}: {device!r} is not available here (torch.cuda.is_available() is False); "
+                          "use cpu or auto")
+    if match[1] is not None and int(match[1]) >= torch.cuda.device_count():
+        raise ConfigError(f"{key}: {device!r} is not available here ({torch.cuda.device_count()} CUDA device(s))")
+
+
+def check_out_dir(key: str, out_dir: str) -> None:
+    """A directory mimkit can create and write in (it need not exist yet)."""
+    path = Path(out_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}: {out_dir} exists and is not a directory")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: cannot write in {out_dir} ({existing} is not a writable directory)")
 
 
 def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
@@ -396,17 +477,53 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last silently: a second `train:` section would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, it is not a key
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key]} and {line})")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base class reports it
+                    pass
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+def check_run(cfg: Config | EvalConfig) -> None:
+    """What depends on this machine, checked before anything is built: `train.device` is available
+    and `out_dir` is (or can be made) a writable directory."""
+    check_device("train.device", cfg.train.device)
+    check_out_dir("out_dir", cfg.out_dir)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

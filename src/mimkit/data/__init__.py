@@ -9,11 +9,13 @@ from mimkit.data.datasets import (
     ImageFolder,
     Sample,
     build_dataset,
+    dataset_of,
     decode_image,
     download_cifar10,
     load_cifar10,
     spread,
     verify_checksum,
+    walk_files,
 )
 from mimkit.data.loader import ResumableSampler, check_skipped, collate, make_loader, set_epoch
 from mimkit.data.shards import ShardDataset, write_shards
@@ -32,6 +34,7 @@ __all__ = [
     "Sample",
     "ShardDataset",
     "build_dataset",
+    "dataset_of",
     "check_skipped",
     "collate",
     "decode_image",
@@ -42,5 +45,6 @@ __all__ = [
     "set_epoch",
     "spread",
     "verify_checksum",
+    "walk_files",
     "write_shards",
 ]

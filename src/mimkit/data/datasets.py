@@ -12,8 +12,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import logging
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import urllib.error
@@ -24,7 +26,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +34,11 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from mimkit.serialization import cifar_globals, unpickle
+
+if TYPE_CHECKING:
+    from mimkit.config import DataConfig
+
+log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -44,6 +51,10 @@ KNOWN_CHECKSUMS = {
 }
 _CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 _CACHE_VERSION = 1  # bump when the cached arrays change meaning
+# Larger images are refused before their pixels are decoded (a decompression bomb is a few KB of PNG
+# that decodes to gigabytes): 2^28 pixels is 16384 x 16384, 768 MiB as RGB.
+MAX_IMAGE_PIXELS = 1 << 28
+MAX_MEMBER_BYTES = 1 << 26  # the default bound on one member of a tar shard (data.max_member_bytes): 64 MiB
 
 
 class DataError(ValueError):
@@ -87,6 +98,9 @@ def decode_image(src: str | os.PathLike | bytes, size: int = 0) -> torch.Tensor:
         if (len(src) if isinstance(src, bytes) else os.path.getsize(src)) == 0:
             raise BadImageError(name, "empty file")
         with Image.open(src if isinstance(src, str) else io.BytesIO(src)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise BadImageError(name, f"{im.width} x {im.height} pixels, more than MAX_IMAGE_PIXELS "
+                                          f"({MAX_IMAGE_PIXELS})")
             rgb = _to_rgb(im)  # convert() loads the pixels, so truncated data raises here
         if size and rgb.size != (size, size):
             # Resizing the central square straight to size x size is Resize(size) + CenterCrop(size)
@@ -123,6 +137,47 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 # Image folders
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def walk_files(top: str, within: str | None = None, hidden: bool = True) -> Iterator[str]:
+    """Paths of the regular files under `top`, sorted per directory, following directory links.
+
+    Every directory is walked once, by its real path, so a link loop (or a second link to the same
+    directory) ends instead of repeating files forever. Entries that are not regular files (FIFOs,
+    devices, sockets, broken links) are skipped and counted in one warning. With `within` (a folder),
+    nothing whose real path lies outside it is visited (links out of it are skipped and counted);
+    without `hidden`, names starting with "." are left out."""
+    root, seen, odd = within and os.path.realpath(within), set(), []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen or (root and not _inside(real, root)):
+            dirnames[:] = []
+            if real not in seen:
+                odd.append(f"{dirpath} (outside {within})")
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if hidden or not d.startswith("."))
+        for f in sorted(filenames):
+            path = os.path.join(dirpath, f)
+            if not hidden and f.startswith("."):
+                continue
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError:  # a broken link, a file deleted meanwhile
+                regular = False
+            if not regular:
+                odd.append(path)
+            elif root and not _inside(os.path.realpath(path), root):
+                odd.append(f"{path} (outside {within})")
+            else:
+                yield path
+    if odd:
+        log.warning("skipped %d entries under %s that are not regular files inside it, e.g. %s", len(odd), top,
+                    ", ".join(odd[:3]))
+
+
 def spread(n: int, limit: int) -> list[int]:
     """Indices of `limit` samples evenly spaced over n sorted ones (all when limit is 0 or >= n),
     so that a limited run still sees every class of a dataset sorted by class."""
@@ -136,23 +191,26 @@ class ImageFolder(Dataset):
 
     Without subfolders every image directly in root gets label 0; with subfolders, files
     directly in root are ignored (as in torchvision). Files and folders starting with "." are
-    skipped (macOS `._x.jpg` companions are not images). Decoding happens in `__getitem__`, so in
-    loader workers: shorter side resized to `load_size`, center-cropped square.
+    skipped (macOS `._x.jpg` companions are not images), and so are entries that are not regular
+    files; link loops end (see `walk_files`). With `confine`, nothing outside root is listed, links
+    out of it included. Decoding happens in `__getitem__`, so in loader workers: shorter side resized
+    to `load_size`, center-cropped square.
     """
 
-    def __init__(self, root: str, load_size: int, limit: int = 0):
+    def __init__(self, root: str, load_size: int, limit: int = 0, confine: bool = False):
         root = os.path.expanduser(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root}")
         self.root, self.load_size = root, load_size
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+                              and (not confine or _inside(os.path.realpath(e.path), os.path.realpath(root))))
         if self.classes:
-            files = [(p, label) for label, c in enumerate(self.classes) for p in _scan(root, c)]
+            files = [(p, label) for label, c in enumerate(self.classes) for p in _scan(root, c, confine)]
         else:
             self.classes = [os.path.basename(os.path.normpath(root))]
-            files = [(p, 0) for p in _scan(root, "")]
+            files = [(p, 0) for p in _scan(root, "", confine)]
         if not files:
-            raise ValueError(f"no image files ({' '.join(IMG_EXTENSIONS)}) found under {root}")
+            raise DataError(f"no image files ({' '.join(IMG_EXTENSIONS)}) found under {root}")
         files = [files[i] for i in spread(len(files), limit)]
         # One numpy bytes array instead of a list of str: forked workers reading a list touch
         # every object's refcount and copy the pages (pytorch/pytorch#13246).
@@ -173,17 +231,10 @@ class ImageFolder(Dataset):
             return Sample(None, label, path, e.reason)
 
 
-def _scan(root: str, sub: str) -> list[str]:
-    """Sorted image paths under root/sub, relative to root."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(os.path.join(root, sub), followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [
-            os.path.relpath(os.path.join(dirpath, f), root)
-            for f in filenames
-            if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
-        ]
-    return sorted(found)
+def _scan(root: str, sub: str, confine: bool) -> list[str]:
+    """Sorted image paths under root/sub, relative to root (see `walk_files`; `confine` to root)."""
+    paths = walk_files(os.path.join(root, sub), within=root if confine else None, hidden=False)
+    return sorted(os.path.relpath(p, root) for p in paths if p.lower().endswith(IMG_EXTENSIONS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +284,7 @@ def load_cifar10(
     in `.skipped`; strict raises BadImageError for the first one. limit > 0 keeps N evenly spaced samples.
     """
     if split not in _CIFAR_BATCHES:
-        raise ValueError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
+        raise DataError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
     if root == "builtin":
         with resources.as_file(resources.files("mimkit") / "assets" / BUILTIN_CIFAR10) as path:
             ds = _load_cifar10(str(path), split, cache_dir, strict)
@@ -289,7 +340,7 @@ def _read_cifar(src: str, split: str) -> tuple[torch.Tensor, torch.Tensor, list[
         else:
             files.append((name, CIFAR10_CLASSES.index(name.split("/")[-2]), data))
     if not batches and not files:
-        raise ValueError(
+        raise DataError(
             f"{src}: no CIFAR-10 {split} data found (expected {split}/<class>/*.jpg or the pickled "
             f"batches {', '.join(batch_names)})"
         )
@@ -314,13 +365,11 @@ def _read_cifar(src: str, split: str) -> tuple[torch.Tensor, torch.Tensor, list[
 def _iter_files(src: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
     """(name with "/" separators, bytes) of the wanted regular files of a tar archive or directory."""
     if os.path.isdir(src):
-        for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
-            dirnames.sort()
-            for f in sorted(filenames):
-                name = os.path.relpath(os.path.join(dirpath, f), src).replace(os.sep, "/")
-                if wanted(name):
-                    with open(os.path.join(dirpath, f), "rb") as fh:
-                        yield name, fh.read()
+        for path in walk_files(src):
+            name = os.path.relpath(path, src).replace(os.sep, "/")
+            if wanted(name):
+                with open(path, "rb") as fh:
+                    yield name, fh.read()
         return
     try:
         # Streaming mode ("r|*"): members are read in order straight from the compressed stream.
@@ -329,7 +378,7 @@ def _iter_files(src: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, 
                 if member.isfile() and wanted(member.name):
                     yield member.name, tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise ValueError(f"{src}: cannot read as a tar archive ({type(e).__name__}: {e})") from e
+        raise DataError(f"{src}: cannot read as a tar archive ({type(e).__name__}: {e})") from e
 
 
 def _unpickle_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -339,16 +388,16 @@ def _unpickle_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
         images = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # rows are R, G, B planes
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:  # any malformed pickle, as for images
-        raise ValueError(f"{name}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from e
+        raise DataError(f"{name}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from e
     if len(images) != len(labels):
-        raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
+        raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
     return images, labels
 
 
 def _cache_path(src: str, split: str, cache_dir: str) -> str:
     src = os.path.abspath(src)
     if os.path.isdir(src):  # a directory's own mtime misses edits deeper down, so list everything
-        paths = [os.path.join(d, f) for d, _, files in os.walk(src, followlinks=True) for f in files]
+        paths = list(walk_files(src))
         stamp = sorted((p, s.st_size, s.st_mtime_ns) for p, s in zip(paths, map(os.stat, paths), strict=True))
     else:
         st = os.stat(src)
@@ -398,7 +447,7 @@ def verify_checksum(path: str, name: str | None = None) -> None:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     if digest.hexdigest() != expected:
-        raise ValueError(
+        raise DataError(
             f"{path}: {algorithm} is {digest.hexdigest()}, expected {expected}; the file is corrupt "
             f"or incomplete: delete it and fetch it again"
         )
@@ -439,7 +488,7 @@ def download_cifar10(cache_dir: str = "~/.cache/mimkit", url: str = CIFAR10_URL)
                     f"could not download {url} to {dest}: {e}; fetch it by hand and pass its path as data root"
                 ) from e
             except ValueError as e:
-                raise ValueError(f"download of {url} failed verification: {e}") from None
+                raise DataError(f"download of {url} failed verification: {e}") from None
             finally:
                 if os.path.exists(part):
                     os.unlink(part)
@@ -450,9 +499,20 @@ def download_cifar10(cache_dir: str = "~/.cache/mimkit", url: str = CIFAR10_URL)
 # ---------------------------------------------------------------------------------------------
 
 
+def dataset_of(d: DataConfig, img_size: int, split: str | None = None, limit: int | None = None,
+               strict: bool | None = None):
+    """`build_dataset` for the data section `d`, for a model of `img_size`; `split`, `limit` and
+    `strict` replace d's."""
+    return build_dataset(d.dataset, d.root, split or d.split, img_size, load_size=d.load_size,
+                         strict=d.strict if strict is None else strict, cache_dir=d.cache_dir,
+                         limit=d.limit if limit is None else limit, shuffle_buffer=d.shuffle_buffer,
+                         max_member_bytes=d.max_member_bytes)
+
+
 def build_dataset(
     dataset: str, root: str, split: str, img_size: int, *, load_size: int = 0, strict: bool = False,
     cache_dir: str | None = "~/.cache/mimkit", limit: int = 0, shuffle_buffer: int = 1000,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
 ) -> ImageFolder | CIFAR10:
     """The dataset a DataConfig describes.
 
@@ -472,5 +532,5 @@ def build_dataset(
             return ImageFolder(root, load_size, limit)
         from mimkit.data.shards import ShardDataset  # shards.py imports this module
 
-        return ShardDataset(root, load_size, shuffle_buffer, limit)
-    raise ValueError(f"unknown dataset {dataset!r}; expected 'cifar10', 'folder' or 'shards'")
+        return ShardDataset(root, load_size, shuffle_buffer, limit, max_member_bytes)
+    raise DataError(f"unknown dataset {dataset!r}; expected 'cifar10', 'folder' or 'shards'")

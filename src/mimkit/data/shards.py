@@ -30,6 +30,7 @@ import io
 import json
 import os
 import re
+import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,20 +38,42 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mimkit.data.datasets import IMG_EXTENSIONS, BadImageError, ImageFolder, Sample, decode_image
+from mimkit.data.datasets import (
+    IMG_EXTENSIONS,
+    MAX_MEMBER_BYTES,
+    BadImageError,
+    DataError,
+    ImageFolder,
+    Sample,
+    decode_image,
+)
 
 INDEX = "index.json"
 FORMAT = "webdataset"
+MAX_INDEX_BYTES = 1 << 26  # 64 MiB: an index of a million shards is ~50 MB
+MAX_LABEL = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add(tar: tarfile.TarFile, name: str, data: bytes | io.BufferedReader, size: int | None = None) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o444, 0  # fixed metadata: the same folder, the same bytes
-    tar.addfile(info, io.BytesIO(data))
+    info.size = len(data) if size is None else size
+    info.mode, info.mtime = 0o444, 0  # fixed metadata: the same folder, the same bytes
+    tar.addfile(info, io.BytesIO(data) if size is None else data)
+
+
+def _add_file(tar: tarfile.TarFile, name: str, path: str) -> None:
+    """Copy the regular file at `path` into `tar` as `name`, streamed (never read whole into memory);
+    anything else there (a FIFO would block, a device never end) is refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path}: not a regular file (it changed after the folder was listed)")
+        _add(tar, name, f, st.st_size)
 
 
 def write_shards(folder: str, out: str, shard_size: int = 1000, seed: int = 0) -> dict:
@@ -58,10 +81,12 @@ def write_shards(folder: str, out: str, shard_size: int = 1000, seed: int = 0) -
     as tar shards of `shard_size` samples in `out`, in an order shuffled by `seed`, plus index.json.
 
     Files are stored as they are, unreadable ones included (readers count and skip them like folder
-    datasets do). Each shard and the index are written to a temporary name and renamed. Returns the index."""
+    datasets do). Only regular files inside `folder` are read: links out of it, FIFOs and devices are
+    skipped and counted (see `walk_files`). Each shard and the index are written to a temporary name
+    and renamed. Returns the index."""
     if shard_size < 1:
-        raise ValueError(f"shard size must be >= 1, got {shard_size}")
-    source = ImageFolder(folder, load_size=0)  # lists and labels the files; nothing is decoded
+        raise DataError(f"shard size must be >= 1, got {shard_size}")
+    source = ImageFolder(folder, load_size=0, confine=True)  # lists and labels the files; nothing is decoded
     order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
     os.makedirs(out, exist_ok=True)
     digits = max(6, len(str(len(order) - 1)))
@@ -75,8 +100,7 @@ def write_shards(folder: str, out: str, shard_size: int = 1000, seed: int = 0) -
                 path = source.path(i)
                 ext = os.path.splitext(path)[1].lower()
                 ext = ".jpg" if ext == ".jpeg" else ext
-                with open(path, "rb") as f:
-                    _add(tar, f"{key:0{digits}d}{ext}", f.read())
+                _add_file(tar, f"{key:0{digits}d}{ext}", path)
                 _add(tar, f"{key:0{digits}d}.cls", str(int(source.labels[i])).encode())
         os.replace(tmp, os.path.join(out, name))
         shards.append({"name": name, "num_samples": len(chunk)})
@@ -108,16 +132,36 @@ def expand_braces(pattern: str) -> list[str]:
     return [out for option in options for out in expand_braces(head + option + tail)]
 
 
+def _plain_name(name: object) -> bool:
+    """A file name with no path components: what index.json may name and a shard member may be called."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
 def _read_index(folder: str) -> dict:
+    """index.json of a shard folder, checked: every shard a plain file name in the folder with a count."""
     path = os.path.join(folder, INDEX)
     try:
-        index = json.loads(Path(path).read_text())
+        if os.stat(path).st_size > MAX_INDEX_BYTES:
+            raise DataError(f"{path}: larger than {MAX_INDEX_BYTES} bytes; not a shard index")
+        index = json.loads(Path(path).read_bytes())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no shard index (write shards with `mimkit data shard FOLDER OUT`)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if index.get("format") != FORMAT or "shards" not in index:
-        raise ValueError(f"{path}: not a mimkit shard index")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("shards"), list):
+        raise DataError(f"{path}: not a mimkit shard index (a JSON object with format {FORMAT!r} and a shards list)")
+    for i, shard in enumerate(index["shards"]):
+        if not isinstance(shard, dict) or not _plain_name(shard.get("name")):
+            raise DataError(f"{path}: shards[{i}] must name a file in this folder (no path components), "
+                            f"got {shard!r:.200}")
+        n = shard.get("num_samples")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise DataError(f"{path}: shards[{i}] ({shard['name']}): num_samples must be an integer >= 0, "
+                            f"got {n!r:.100}")
+    classes = index.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: classes must be a list of names")
     return index
 
 
@@ -127,7 +171,7 @@ def find_shards(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     root = os.path.expanduser(root)
     if os.path.isdir(root):
         index = _read_index(root)
-        shards = [(os.path.join(root, s["name"]), int(s["num_samples"])) for s in index["shards"]]
+        shards = [(os.path.join(root, s["name"]), s["num_samples"]) for s in index["shards"]]
         classes = list(index.get("classes", []))
     else:
         paths = sorted({p for part in expand_braces(root) for p in (glob.glob(part) or [part])})
@@ -137,15 +181,15 @@ def find_shards(root: str) -> tuple[list[tuple[str, int]], list[str]]:
             folder = os.path.dirname(path) or "."
             if folder not in indexes:
                 indexes[folder] = _read_index(folder)
-                counts = {s["name"]: int(s["num_samples"]) for s in indexes[folder]["shards"]}
+                counts = {s["name"]: s["num_samples"] for s in indexes[folder]["shards"]}
                 indexes[folder]["counts"] = counts
                 theirs = list(indexes[folder].get("classes", []))
                 if classes is not None and theirs != classes:
-                    raise ValueError(f"{folder}/{INDEX}: its classes differ from the other shard folders'")
+                    raise DataError(f"{folder}/{INDEX}: its classes differ from the other shard folders'")
                 classes = theirs
             name = os.path.basename(path)
             if name not in indexes[folder]["counts"]:
-                raise ValueError(f"{path}: not listed in {os.path.join(folder, INDEX)}")
+                raise DataError(f"{path}: not listed in {os.path.join(folder, INDEX)}")
             shards.append((path, indexes[folder]["counts"][name]))
         classes = classes or []
     missing = [p for p, _ in shards if not os.path.isfile(p)]
@@ -153,7 +197,7 @@ def find_shards(root: str) -> tuple[list[tuple[str, int]], list[str]]:
         more = " ..." if len(missing) > 5 else ""
         raise FileNotFoundError(f"shard file(s) not found: {', '.join(missing[:5])}{more}")
     if not shards:
-        raise ValueError(f"no shards found at {root}")
+        raise DataError(f"no shards found at {root}")
     return shards, classes
 
 
@@ -166,10 +210,16 @@ def _hash_seed(*parts: int) -> int:
     return int.from_bytes(key[:8], "little")
 
 
-def _samples_of(path: str, skip: int, count: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+BAD = "!"  # the field of a sample holding why a member of it was not read
+
+
+def _samples_of(path: str, skip: int, count: int, max_bytes: int = MAX_MEMBER_BYTES,
+                ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(member-name stem, {extension: bytes}) for samples skip .. skip + count - 1 of a shard, read as
     a stream; the data of skipped samples is never read. A shard that ends early (truncated, corrupt)
-    yields what it has and then empty samples, so that counts and positions stay right."""
+    yields what it has and then empty samples, so that counts and positions stay right. A member
+    larger than `max_bytes` or whose name has path components is not read: its sample's `BAD`
+    field says why (the sample is then counted as unreadable)."""
     done, key, fields = 0, None, {}
     try:
         with tarfile.open(path, "r|") as tar:
@@ -186,7 +236,14 @@ def _samples_of(path: str, skip: int, count: int) -> Iterator[tuple[str, dict[st
                         if done == count:
                             return
                     key, fields, seen = stem, {}, seen + 1
-                if seen >= skip:
+                if seen < skip:
+                    continue
+                if member.name != name or name.startswith("."):
+                    fields[BAD] = f"member name {member.name!r:.200} is not a plain file name".encode()
+                elif member.size > max_bytes:
+                    fields[BAD] = (f"member {member.name} is {member.size} bytes, more than data.max_member_bytes "
+                                   f"({max_bytes})").encode()
+                else:
                     fields[ext.lower()] = tar.extractfile(member).read()
             if key is not None and seen >= skip and done < count:
                 yield key, fields
@@ -197,10 +254,23 @@ def _samples_of(path: str, skip: int, count: int) -> Iterator[tuple[str, dict[st
         yield f"#{skip + i}", {}
 
 
-def _decode(path: str, stem: str, fields: dict[str, bytes], load_size: int) -> Sample:
-    label = int(fields["cls"]) if fields.get("cls", b"").strip().lstrip(b"-").isdigit() else -1
+_LABEL = re.compile(rb"\s*(\d{1,10})\s*")
+
+
+def _decode(path: str, stem: str, fields: dict[str, bytes], load_size: int, num_classes: int = 0) -> Sample:
+    """A sample's image decoded, or why not; its label from the `cls` field (-1 when there is none),
+    which must lie in 0 .. num_classes - 1 (any 32-bit label when the index lists no classes)."""
     image_ext = next((e for e in fields if "." + e in IMG_EXTENSIONS), None)
     where = f"{path}:{stem}.{image_ext or '?'}"
+    label, bad = -1, fields.get(BAD, b"").decode()
+    if "cls" in fields:
+        match = _LABEL.fullmatch(fields["cls"])
+        label = int(match[1]) if match else -1
+        top = num_classes - 1 if num_classes else MAX_LABEL
+        if not 0 <= label <= top:
+            label, bad = -1, bad or f"label {fields['cls'][:20]!r} is not an integer in 0 .. {top}"
+    if bad:
+        return Sample(None, label, where, bad)
     if image_ext is None:
         reason = "no image in this sample" if fields else "missing from the shard (truncated or corrupt tar?)"
         return Sample(None, label, where, reason)
@@ -221,8 +291,10 @@ class ShardDataset(IterableDataset):
     0 every sample is yielded exactly once per epoch, ranks differing by at most one.
     """
 
-    def __init__(self, root: str, load_size: int, shuffle_buffer: int = 1000, limit: int = 0):
+    def __init__(self, root: str, load_size: int, shuffle_buffer: int = 1000, limit: int = 0,
+                 max_member_bytes: int = MAX_MEMBER_BYTES):
         self.root, self.load_size, self.shuffle_buffer = root, load_size, shuffle_buffer
+        self.max_member_bytes = max_member_bytes
         self.shards, self.classes = find_shards(root)
         if limit:  # the first `limit` samples in shard order (shards were shuffled when written)
             kept, left = [], limit
@@ -300,7 +372,7 @@ class ShardDataset(IterableDataset):
         for path, n in shards:
             lo, hi = max(first, offset), min(end, offset + n)
             if lo < hi:
-                for stem, fields in _samples_of(path, lo - offset, hi - lo):
+                for stem, fields in _samples_of(path, lo - offset, hi - lo, self.max_member_bytes):
                     yield path, stem, fields
             offset += n
             if offset >= end:
@@ -320,8 +392,9 @@ class ShardDataset(IterableDataset):
             if lo == first + block * size:
                 raw = raw[skip - block * size :]
             for path, stem, fields in raw:
-                yield _decode(path, stem, fields, self.load_size)
+                yield _decode(path, stem, fields, self.load_size, len(self.classes))
 
     def first(self, n: int) -> list[Sample]:
         """The first `n` samples in shard order (e.g. for a fixed set of pictures)."""
-        return [_decode(p, s, f, self.load_size) for p, s, f in self._read(self.shards, 0, min(n, self.num_samples))]
+        return [_decode(p, s, f, self.load_size, len(self.classes))
+                for p, s, f in self._read(self.shards, 0, min(n, self.num_samples))]

@@ -52,14 +52,13 @@ class KNNMonitor:
     @classmethod
     def from_config(cls, cfg: Config) -> KNNMonitor:
         """The monitor a pretraining config asks for (`monitor.*`), on its own data source."""
-        from mimkit.data import EvalTransform, build_dataset
+        from mimkit.data import EvalTransform, dataset_of
         from mimkit.models import resolve_model_config
 
         d, m = cfg.data, cfg.monitor
         size = resolve_model_config(cfg.method, cfg.model).img_size
-        common = dict(img_size=size, load_size=d.load_size, cache_dir=d.cache_dir)
-        bank = build_dataset(d.dataset, d.root, "train", limit=m.bank_size, **common)
-        queries = build_dataset(d.dataset, d.root, "test", limit=m.query_size, **common)
+        bank = dataset_of(d, size, "train", limit=m.bank_size, strict=False)
+        queries = dataset_of(d, size, "test", limit=m.query_size, strict=False)
         crop = size / decoded_size(queries)
         transform = EvalTransform(size, crop_pct=crop, mean=d.mean, std=d.std)
         return cls(bank, queries, transform, m.every_epochs, m.pool, m.k, m.temperature)

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimkit.config import EvalConfig, to_dict
+from mimkit.config import EvalConfig, check_run, to_dict
 from mimkit.convert import load
-from mimkit.data import EvalTransform, PretrainAugment, build_dataset
+from mimkit.data import EvalTransform, PretrainAugment, dataset_of
 from mimkit.eval.features import FeatureSet, extract, features, in_shares
 from mimkit.models.vit import VisionTransformer, resample_pos_embed
 from mimkit.serialization import read_torch
@@ -78,9 +78,8 @@ def build_context(cfg: EvalConfig, model: nn.Module | None = None) -> Context:
     model = model if model is not None else load(cfg.checkpoint)
     encoder = vit_from(model, cfg.img_size or None).to(device).eval()
     d = cfg.data
-    common = dict(img_size=encoder.img_size, load_size=d.load_size, strict=d.strict, cache_dir=d.cache_dir)
-    train_set = build_dataset(d.dataset, d.root, d.split, limit=d.limit, **common)
-    val_set = build_dataset(d.dataset, d.root, cfg.val_split, limit=0, **common)
+    train_set = dataset_of(d, encoder.img_size)
+    val_set = dataset_of(d, encoder.img_size, cfg.val_split, limit=0)
     num_classes = len(train_set.classes)
     crop_pct = cfg.crop_pct or encoder.img_size / decoded_size(val_set)
     transform = EvalTransform(encoder.img_size, crop_pct=crop_pct, mean=d.mean, std=d.std)
@@ -153,6 +152,7 @@ def evaluate(cfg: EvalConfig, resume: str | None = None, model: nn.Module | None
     `mimkit.train.checkpoint.claim`): `overwrite` deletes another run's files there first."""
     from mimkit.eval import attentive, finetune, knn, linear  # each protocol imports this module
 
+    check_run(cfg)
     run = {"knn": knn.run, "linprobe": linear.run, "attnprobe": attentive.run,
            "finetune": finetune.run}[cfg.protocol]
     with process_group(pick_device(cfg.train.device)):  # under torchrun: every process evaluates its share

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimkit.config import ConfigError, check_choice
+from mimkit.config import ConfigError, check_choice, check_nonneg, check_open_unit
 from mimkit.masking import MASK_TYPES, gather_tokens, make_mask, num_kept, split_ids
 from mimkit.models.vit import (
     LN_EPS,
@@ -30,6 +30,7 @@ from mimkit.models.vit import (
     Mlp,
     VisionTransformer,
     attention,
+    check_width,
     init_weights,
     sincos_pos_embed_2d,
 )
@@ -83,11 +84,22 @@ class CAEConfig(EncoderConfig):
     """The normalisation the data pipeline applied (data.std), undone before tokenizing."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        check_width("model.decoder_embed_dim", self.decoder_embed_dim, "model.decoder_num_heads",
+                    self.decoder_num_heads)
+        for name in ("regressor_depth", "decoder_depth", "init_values", "decoder_init_values", "align_weight",
+                     "mask_min_block"):
+            check_nonneg(f"model.{name}", getattr(self, name))
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"model.drop_path_rate: must be in [0, 1), got {self.drop_path_rate!r}")
+        if not 0.0 < self.mask_min_aspect <= 1.0:
+            raise ConfigError(f"model.mask_min_aspect: must be in (0, 1], got {self.mask_min_aspect!r}")
+        check_open_unit("model.mask_ratio", self.mask_ratio)
         check_choice("model.mask_type", self.mask_type, MASK_TYPES)
         check_choice("model.target", self.target, TARGETS)
         check_choice("model.tokenizer", self.tokenizer, tuple(TOKENIZERS))
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(f"model.mask_ratio: must be in (0, 1), got {self.mask_ratio!r}")
+        if not all(v > 0 for v in self.image_std):
+            raise ConfigError(f"model.image_std: every value must be > 0, got {list(self.image_std)}")
 
 
 def _preset(size: str, patch: int = 16, img: int = 224, **kw) -> dict:

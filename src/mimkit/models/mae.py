@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mimkit.config import check_choice
+from mimkit.config import check_choice, check_nonneg, check_open_unit
 from mimkit.masking import MASK_TYPES, gather_tokens, make_mask
 from mimkit.models.vit import (
     LN_EPS,
@@ -21,6 +21,7 @@ from mimkit.models.vit import (
     Block,
     EncoderConfig,
     VisionTransformer,
+    check_width,
     init_weights,
     sincos_pos_embed_2d,
 )
@@ -45,6 +46,11 @@ class MAEConfig(EncoderConfig):
     """`random` (MAE: uniform per image) or `block` (BEiT / CAE rectangles; MAE's ablation: worse for MAE)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        check_width("model.decoder_embed_dim", self.decoder_embed_dim, "model.decoder_num_heads",
+                    self.decoder_num_heads)
+        check_nonneg("model.decoder_depth", self.decoder_depth)
+        check_open_unit("model.mask_ratio", self.mask_ratio)
         check_choice("model.mask_type", self.mask_type, MASK_TYPES)
 
 

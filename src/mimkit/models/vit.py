@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimkit.config import ConfigError, check_divides, check_positive
+
 LN_EPS = 1e-6  # MAE and timm use 1e-6 (transformers' ViTMAE defaults to 1e-12)
 
 # Widths, depths and heads of the standard sizes (ViT paper; DeiT for tiny and small).
@@ -48,6 +50,24 @@ class EncoderConfig:
     """Encoder attention heads."""
     mlp_ratio: float = 4.0
     """MLP hidden width / block width."""
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "in_chans", "depth"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}: must be >= 1, got {getattr(self, name)!r}")
+        check_divides("model.patch_size", self.patch_size, "model.img_size", self.img_size)
+        check_width("model.embed_dim", self.embed_dim, "model.num_heads", self.num_heads)
+        check_positive("model.mlp_ratio", self.mlp_ratio)
+
+
+def check_width(width_key: str, width: int, heads_key: str, heads: int) -> None:
+    """A block width with fixed 2-D sin-cos positions (divisible by 4) split over `heads` heads."""
+    if heads < 1:
+        raise ConfigError(f"{heads_key}: must be >= 1, got {heads!r}")
+    if width < 4 or width % 4:
+        raise ConfigError(f"{width_key}: must be a positive multiple of 4 (2-D sin-cos positions), got {width!r}")
+    if width % heads:
+        raise ConfigError(f"{width_key}: {width} is not divisible by {heads_key}={heads}")
 
 
 def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> Tensor:
