@@ -42,3 +42,41 @@ def test_visualize_a_checkpoint(tmp_path, capsys):
         assert img.size == (4 * 128, 3 * 128)  # 4 panels of 32 px enlarged x4, 3 rows
     assert main(["visualize", str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt: no such file" in capsys.readouterr().err
+
+
+def test_data_that_cannot_train_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    common = [f"out_dir={tmp_path / 'run'}", "model.preset=mae_vit_tiny_cifar_patch4", "data.num_workers=0"]
+    assert main(["pretrain", RECIPE, "data.dataset=folder", f"data.root={tmp_path / 'empty'}", *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mimkit: error: no image files (") and err.endswith(f"found under {tmp_path / 'empty'}\n")
+    assert main(["pretrain", RECIPE, "data.limit=20", "train.batch_size=32", *common]) == 2
+    assert capsys.readouterr().err == ("mimkit: error: the dataset has 20 images, fewer than one optimizer step "
+                                       "needs (train.batch_size=32 x train.accum_steps=1 x 1 process(es))\n")
+
+
+def test_interrupt_is_exit_130_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    import mimkit.train.loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mimkit.train.loop, "pretrain", interrupted)
+    assert main(["pretrain", RECIPE]) == 130
+    assert capsys.readouterr().err == "mimkit: interrupted\n"
+
+    def bug(*args, **kwargs):
+        return 1 / 0
+
+    monkeypatch.setattr(mimkit.train.loop, "pretrain", bug)
+    with pytest.raises(ZeroDivisionError):
+        main(["pretrain", RECIPE])
+
+
+def test_overrides_may_follow_options_and_anything_else_is_refused(capsys):
+    assert main(["pretrain", RECIPE, "--print-config", "train.epochs=3", "data.limit=7"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 3" in out and "limit: 7" in out
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", RECIPE, "--print-config", "stray"])
+    assert e.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err

@@ -1,11 +1,13 @@
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from mimkit.config import Config, ConfigError, load_config, load_eval_config
+from mimkit.config import Config, ConfigError, check_run, load_config, load_eval_config
 from mimkit.models import build_model, resolve_model_config, resolved_config
+from mimkit.train.loop import pretrain
 
 CONFIGS = sorted(Path(__file__).parents[1].glob("configs/**/*.yaml"))
 
@@ -83,3 +85,81 @@ def test_every_recipe_builds(path):
     with torch.device("meta"):  # ViT-H has 630M parameters: build shapes only
         model = build_model(cfg.method, resolved["model"])
     assert model.patch_embed.num_patches > 0 and resolved["train"]["epochs"] == cfg.train.epochs
+
+
+# Each of these was accepted, or failed with a traceback or only at the first forward (issue 12).
+BAD_VALUES = [
+    ("model.mask_ratio=1.0", "model.mask_ratio: must be in (0, 1), got 1.0"),
+    ("model.mask_ratio=0", "model.mask_ratio: must be in (0, 1), got 0"),
+    ("model.mask_ratio=-0.5", "model.mask_ratio: must be in (0, 1), got -0.5"),
+    ("model.patch_size=5", "model.patch_size: 5 does not divide model.img_size=32"),
+    ("model.num_heads=5", "model.embed_dim: 192 is not divisible by model.num_heads=5"),
+    ("model.num_heads=0", "model.num_heads: must be >= 1, got 0"),
+    ("model.depth=0", "model.depth: must be >= 1, got 0"),
+    ("model.decoder_num_heads=3", "model.decoder_embed_dim: 128 is not divisible by model.decoder_num_heads=3"),
+    ("model.embed_dim=190", "model.embed_dim: must be a positive multiple of 4 (2-D sin-cos positions), got 190"),
+    ("train.device=cuda:99", "train.device: 'cuda:99' is not available here"),
+    ("train.device=tpu", "train.device: 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+    ("train.blr=.nan", "train.blr: must be a finite number >= 0, got nan"),
+    ("train.lr=.inf", "train.lr: must be a finite number >= 0, got inf"),
+    ("train.min_lr=-1e-5", "train.min_lr: must be a finite number >= 0, got -1e-05"),
+    ("train.betas=[0.9, 1.0]", "train.betas: each must be in [0, 1), got [0.9, 1.0]"),
+    ("train.betas=[-0.1, 0.9]", "train.betas: each must be in [0, 1), got [-0.1, 0.9]"),
+    ("data.ratio=[1.5, 0.5]", "data.ratio: expected 0.0 <= min <= max <= inf, got [1.5, 0.5]"),
+    ("data.ratio=[0, 1]", "data.ratio: must be a finite number > 0, got 0"),
+    ("data.std=[0.2, 0, 0.2]", "data.std: every value must be > 0, got [0.2, 0.0, 0.2]"),
+    ("data.scale=[0, 0]", "data.scale: max must be > 0, got [0.0, 0.0]"),
+    ("data.max_member_bytes=0", "data.max_member_bytes: must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_bad_values_are_one_line_before_anything_is_built(override, message, tmp_path, capsys):
+    """`--print-config` validates exactly what a run does, so nothing here builds a model or reads data."""
+    from mimkit.cli import main
+
+    args = ["pretrain", "configs/pretrain/mae_vit_tiny_cifar10.yaml", override, f"out_dir={tmp_path}"]
+    assert main([*args, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mimkit: error: {message}") and err.count("\n") == 1, err
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        pretrain(load_config(None, [override, f"out_dir={tmp_path}", "model.preset=mae_vit_tiny_cifar_patch4"]))
+    assert list(tmp_path.iterdir()) == []  # refused before the run touched out_dir
+
+
+def test_out_dir_must_be_a_directory_mimkit_can_write(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"^out_dir: .*/file exists and is not a directory$"):
+        check_run(load_config(None, [f"out_dir={tmp_path / 'file'}"]))
+    with pytest.raises(ConfigError, match=r"^out_dir: cannot write in .*/file/run \(.*/file is not a writable "
+                                          r"directory\)$"):
+        check_run(load_config(None, [f"out_dir={tmp_path / 'file' / 'run'}"]))
+    # /proc/self is a directory nobody may create entries in, root included
+    with pytest.raises(ConfigError, match=r"^out_dir: cannot write in /proc/self/run \(/proc/self is not a writable"):
+        check_run(load_config(None, ["out_dir=/proc/self/run"]))
+    check_run(load_config(None, [f"out_dir={tmp_path / 'new' / 'run'}"]))  # made when the run starts
+
+
+def test_a_key_given_twice_in_a_recipe_is_an_error(tmp_path):
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("train:\n  epochs: 2\ndata:\n  limit: 8\ntrain:\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: key 'train' appears twice \(lines 1 and 5\)$"):
+        load_config(recipe)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train:\n  epochs: 2\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"key 'epochs' appears twice \(lines 2 and 3\)$"):
+        load_config(nested)
+    merged = tmp_path / "merged.yaml"  # a YAML merge key is not a duplicate
+    merged.write_text("base: &b {epochs: 2}\ntrain:\n  <<: *b\n  batch_size: 4\n")
+    assert yaml.safe_load(merged.read_text())["train"] == {"epochs": 2, "batch_size": 4}
+    with pytest.raises(ConfigError, match=r"^base: unknown key"):  # read without complaint, then checked
+        load_config(merged)
+
+
+def test_eval_values_are_checked_too():
+    for override, message in [("probe.k=0", "probe.k: must be >= 1, got 0"),
+                              ("crop_pct=1.5", "crop_pct: must be in [0, 1] (0 = off), got 1.5"),
+                              ("finetune.mix_prob=2", "finetune.mix_prob: must be in [0, 1], got 2.0"),
+                              ("train.betas=[0.9, 1.5]", "train.betas: each must be in [0, 1), got [0.9, 1.5]")]:
+        with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
+            load_eval_config("linprobe", None, [override])

@@ -4,6 +4,7 @@ errors; the `convert` / `export` commands; feature extraction."""
 import argparse
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -526,6 +527,37 @@ def test_cli_export_and_convert_end_to_end(tmp_path, capsys):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     assert main(["export", str(tmp_path / "junk.pth"), "--to", "timm", "--out", str(tmp_path / "j.pth")]) == 2
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_an_export_never_replaces_what_is_there_unless_told(tmp_path, capsys):
+    model = _mae()
+    ckpt = _mimkit_checkpoint(model, tmp_path / "checkpoint-00000003.pt")
+    for to, out in (("hf", tmp_path / "hf"), ("safetensors", tmp_path / "m.safetensors")):
+        args = ["export", str(ckpt), "--to", to, "--out", str(out)]
+        assert main(args) == 0
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in out.parent.iterdir())
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err == f"mimkit: error: {out} exists: pass --overwrite (overwrite=True) to replace it\n"
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in out.parent.iterdir()) == before
+        assert main([*args, "--overwrite"]) == 0
+        _same_weights(load(out), model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000003.pt", "hf", "m.safetensors"]
+    assert main(["convert", str(ckpt), str(tmp_path / "m.safetensors")]) == 2
+    assert "m.safetensors exists" in capsys.readouterr().err
+
+
+def test_an_export_to_a_place_the_os_refuses_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    ckpt = _mimkit_checkpoint(_mae(), tmp_path / "checkpoint-00000003.pt")
+    # /proc/self takes no new entries, root included
+    assert main(["export", str(ckpt), "--to", "official", "--out", "/proc/self/weights.pth"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mimkit: error: cannot write /proc/self/weights.pth: ") and err.count("\n") == 1
+    assert "Traceback" not in err and not Path("/proc/self/weights.pth").exists()
+    (tmp_path / "file").write_text("x")  # a parent that is a file
+    assert main(["export", str(ckpt), "--to", "hf", "--out", str(tmp_path / "file" / "hf")]) == 2
+    assert capsys.readouterr().err.startswith(f"mimkit: error: cannot write {tmp_path / 'file' / 'hf'}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000003.pt", "file"]
 
 
 @pytest.mark.parametrize("command", ["convert", "export"])

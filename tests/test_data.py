@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import os
 import pickle
 import runpy
 import tarfile
@@ -17,6 +18,7 @@ from PIL import Image
 from mimkit.data import (
     CIFAR10,
     BadImageError,
+    DataError,
     EvalTransform,
     ImageFolder,
     PretrainAugment,
@@ -24,6 +26,7 @@ from mimkit.data import (
     build_dataset,
     check_skipped,
     datasets,
+    decode_image,
     download_cifar10,
     load_cifar10,
     make_loader,
@@ -457,3 +460,43 @@ def test_make_cifar_subset_is_balanced_and_reproducible(tmp_path):
         "train/cat/0000.jpg", "train/cat/0001.jpg", "train/dog/0000.jpg", "train/dog/0001.jpg",
     ]
     assert members["train/dog/0001.jpg"] == b"traindog1"  # original bytes
+
+
+def _png(path: Path, seed: int = 0) -> None:
+    Image.fromarray(_noise(8, 8, seed)).save(path)
+
+
+def test_folder_scans_end_on_link_loops_and_skip_what_is_not_a_file(tmp_path, caplog):
+    root = tmp_path / "imgs"
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "b").mkdir()
+    _png(root / "a" / "1.png")
+    _png(root / "a" / "deep" / "2.png", 1)
+    _png(root / "b" / "3.png", 2)
+    (root / "a" / "deep" / "loop").symlink_to(root / "a")  # a cycle
+    (root / "a" / "self").symlink_to(".")  # a self-link would multiply files without end
+    os.mkfifo(root / "b" / "fifo.png")  # opening it would block forever
+    (root / "b" / "zero.png").symlink_to("/dev/zero")  # reading it would never end
+    (root / "b" / "gone.png").symlink_to(root / "missing.png")
+    with caplog.at_level("WARNING"):
+        ds = ImageFolder(str(root), load_size=0)
+    assert sorted(ds.path(i).removeprefix(str(root) + "/") for i in range(len(ds))) == [
+        "a/1.png", "a/deep/2.png", "b/3.png"]
+    assert "skipped 3 entries under" in caplog.text and "fifo.png" in caplog.text
+
+
+def test_an_empty_folder_is_a_data_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("no images")
+    with pytest.raises(DataError, match=r"^no image files \(.*\) found under "):
+        ImageFolder(str(tmp_path), load_size=0)
+
+
+def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(monkeypatch):
+    bomb = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(bomb, "PNG")  # 16 M pixels in a few KB
+    assert len(bomb.getvalue()) < 100_000
+    monkeypatch.setattr(datasets, "MAX_IMAGE_PIXELS", 1_000_000)
+    with pytest.raises(BadImageError, match=r"4000 x 4000 pixels, more than MAX_IMAGE_PIXELS \(1000000\)$"):
+        decode_image(bomb.getvalue())
+    assert decode_image(_encode(_noise(100, 100), "PNG")).shape == (3, 100, 100)

@@ -1,5 +1,6 @@
 """WebDataset shards: written from an image folder, streamed once per epoch across ranks and workers."""
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from mimkit.cli import main
 from mimkit.config import load_config
-from mimkit.data import ImageFolder, ShardDataset, build_dataset, make_loader, set_epoch, write_shards
+from mimkit.data import DataError, ImageFolder, ShardDataset, build_dataset, make_loader, set_epoch, write_shards
 from mimkit.data.shards import expand_braces
 from mimkit.train import checkpoint
 from mimkit.train.loop import pretrain
@@ -156,3 +157,101 @@ def test_make_loader_splits_a_stream(shards):
     loader = make_loader(ds, 4, seed=0, rank=1, world_size=2, num_workers=0)
     set_epoch(loader, 3, start=8)
     assert len(loader) == 4 and len(list(loader)) == 2  # 18 // 4 = 4 batches; 2 of them already done
+
+
+# --- hostile shards and folders ------------------------------------------------------------------
+
+
+def _png_bytes(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(torch.randint(0, 256, (8, 8, 3), generator=torch.Generator().manual_seed(seed),
+                                  dtype=torch.uint8).numpy()).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _hand_written(tmp_path: Path, members: list[tuple[str, bytes]], classes=("a", "b")) -> Path:
+    """One shard with exactly these members, and its index."""
+    with tarfile.open(tmp_path / "shard-000000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stems = {Path(name).name.partition(".")[0] for name, _ in members}
+    index = {"format": "webdataset", "classes": list(classes), "num_samples": len(stems),
+             "shards": [{"name": "shard-000000.tar", "num_samples": len(stems)}]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    return tmp_path
+
+
+def test_members_that_are_too_large_badly_named_or_mislabelled_are_counted_skips(tmp_path):
+    image = _png_bytes()
+    root = _hand_written(tmp_path, [
+        ("0.png", image), ("0.cls", b"1"),  # fine
+        ("1.png", image + b"\0" * 5000), ("1.cls", b"0"),  # over the cap below
+        ("sub/2.png", image), ("sub/2.cls", b"0"),  # a path, not a plain member name
+        ("3.png", image), ("3.cls", b"2"),  # only classes 0 and 1 exist
+        ("4.png", image), ("4.cls", b"9" * 300),  # would overflow the loader's int64
+        ("5.png", image), ("5.cls", b"-1"),
+    ])
+    ds = ShardDataset(str(root), load_size=8, max_member_bytes=len(image) + 100)
+    samples = list(ds)
+    assert [s.label for s in samples] == [1, 0, -1, -1, -1, -1]
+    assert samples[0].image is not None and samples[0].image.shape == (3, 8, 8)
+    reasons = [s.reason for s in samples[1:]]
+    assert reasons[0] == f"member 1.png is {len(image) + 5000} bytes, more than data.max_member_bytes " \
+                         f"({len(image) + 100})"
+    assert reasons[1] == "member name 'sub/2.cls' is not a plain file name"  # the last such member
+    assert reasons[2] == "label b'2' is not an integer in 0 .. 1"
+    assert reasons[3].startswith("label b'99999") and reasons[4] == "label b'-1' is not an integer in 0 .. 1"
+    assert all(s.image is None for s in samples[1:])
+    # the loader counts them like unreadable files, and a config sets the cap
+    cfg = load_config(None, ["data.dataset=shards", f"data.root={root}", "data.max_member_bytes=10"])
+    assert build_dataset("shards", str(root), "train", img_size=8, max_member_bytes=cfg.data.max_member_bytes,
+                         ).max_member_bytes == 10
+
+
+@pytest.mark.parametrize("index, message", [
+    ("{not json", r"index\.json: not valid JSON \(JSONDecodeError: "),
+    ("[1, 2]", r"index\.json: not a mimkit shard index"),
+    ('{"format": "webdataset", "shards": {"a": 1}}', r"index\.json: not a mimkit shard index"),
+    ('{"format": "webdataset", "shards": [{"name": "../../etc/passwd", "num_samples": 1}]}',
+     r"shards\[0\] must name a file in this folder \(no path components\)"),
+    ('{"format": "webdataset", "shards": [{"name": "/etc/passwd", "num_samples": 1}]}',
+     r"shards\[0\] must name a file in this folder"),
+    ('{"format": "webdataset", "shards": [{"name": "s.tar", "num_samples": -3}]}',
+     r"shards\[0\] \(s\.tar\): num_samples must be an integer >= 0, got -3"),
+    ('{"format": "webdataset", "shards": [{"name": "s.tar", "num_samples": "12"}]}',
+     r"num_samples must be an integer >= 0, got '12'"),
+    ('{"format": "webdataset", "shards": [{"name": "s.tar", "num_samples": 1e400}]}',
+     r"num_samples must be an integer >= 0, got inf"),
+    ('{"format": "webdataset", "classes": "abc", "shards": []}', r"classes must be a list of names"),
+    ('{"format": "webdataset", "shards": []}', r"no shards found at "),
+])
+def test_a_bad_index_is_a_one_line_data_error(tmp_path, index, message):
+    (tmp_path / "index.json").write_text(index)
+    with pytest.raises(DataError, match=message):
+        ShardDataset(str(tmp_path), load_size=8)
+
+
+def test_data_shard_never_leaves_the_folder_nor_opens_what_is_not_a_file(tmp_path, caplog):
+    import os
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(_png_bytes(1))
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "0.png").write_bytes(_png_bytes())
+    (root / "a" / "link.png").symlink_to(outside / "secret.png")  # a file out of the folder
+    (root / "a" / "dir").symlink_to(outside)  # a folder out of it
+    (root / "b").symlink_to(outside)  # a class out of it
+    (root / "a" / "inside.png").symlink_to(root / "a" / "0.png")  # a link within it is fine
+    os.mkfifo(root / "a" / "fifo.png")  # would block forever
+    (root / "a" / "zero.png").symlink_to("/dev/zero")  # would exhaust memory
+    with caplog.at_level("WARNING"):
+        assert main(["data", "shard", str(root), str(tmp_path / "out")]) == 0
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["classes"] == ["a"] and index["num_samples"] == 2
+    members = [m.name for m in tarfile.open(tmp_path / "out" / "shard-000000.tar")]
+    assert sorted(members) == ["000000.cls", "000000.png", "000001.cls", "000001.png"]
+    assert "outside" in caplog.text and "fifo.png" in caplog.text and "zero.png" in caplog.text

@@ -67,6 +67,11 @@ def _save_safetensors(state: dict[str, Tensor], path: Path, metadata: dict[str, 
     save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path), metadata=metadata)
 
 
+def _torch_save(obj: object, path: Path) -> None:
+    with open(path, "wb") as f:  # opened here: a refused open is an OSError, not torch's RuntimeError
+        torch.save(obj, f)
+
+
 def timm_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The encoder's weights under timm's `VisionTransformer` names (see the module docstring).
 
@@ -96,7 +101,7 @@ def save_timm(model: nn.Module, path: str | Path) -> Path:
             cfg["qkv_bias"] = True
         _save_safetensors(state, path, _header(method, cfg))
     else:
-        torch.save(state, path)
+        _torch_save(state, path)
     return path
 
 
@@ -104,8 +109,8 @@ def save_official(model: nn.Module, path: str | Path) -> Path:
     """Official MAE layout `{"model": state}` plus `method` and `config` (see the module docstring)."""
     method, cfg = architecture_of(model)
     path = Path(path)
-    torch.save({"model": model.state_dict(), "method": method, "config": {"model": cfg}, "version": _version()},
-               path)
+    _torch_save({"model": model.state_dict(), "method": method, "config": {"model": cfg}, "version": _version()},
+                path)
     return path
 
 
