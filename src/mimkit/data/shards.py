@@ -52,6 +52,7 @@ INDEX = "index.json"
 FORMAT = "webdataset"
 MAX_INDEX_BYTES = 1 << 26  # 64 MiB: an index of a million shards is ~50 MB
 MAX_LABEL = 2**31 - 1
+MAX_SHARD_SAMPLES = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,9 +157,9 @@ def _read_index(folder: str) -> dict:
             raise DataError(f"{path}: shards[{i}] must name a file in this folder (no path components), "
                             f"got {shard!r:.200}")
         n = shard.get("num_samples")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise DataError(f"{path}: shards[{i}] ({shard['name']}): num_samples must be an integer >= 0, "
-                            f"got {n!r:.100}")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_SHARD_SAMPLES:
+            raise DataError(f"{path}: shards[{i}] ({shard['name']}): num_samples must be an integer in "
+                            f"0 .. {MAX_SHARD_SAMPLES}, got {n!r:.100}")
     classes = index.get("classes", [])
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise DataError(f"{path}: classes must be a list of names")
