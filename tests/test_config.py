@@ -163,3 +163,10 @@ def test_eval_values_are_checked_too():
                               ("train.betas=[0.9, 1.5]", "train.betas: each must be in [0, 1), got [0.9, 1.5]")]:
         with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
             load_eval_config("linprobe", None, [override])
+
+
+def test_overrides_never_change_the_protocol_defaults():
+    """load_eval_config once wrote overrides into PROTOCOL_DEFAULTS' own sections, so one call's
+    `train.betas` became every later call's default."""
+    load_eval_config("linprobe", None, ["train.betas=[0.5, 0.6]", "train.epochs=3"])
+    assert load_eval_config("linprobe").train.epochs == 90 and load_eval_config("linprobe").train.betas == (0.9, 0.95)

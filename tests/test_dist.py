@@ -158,7 +158,8 @@ def worker(job: str, out: Path, cache: str, strategies: str = "ddp,fsdp") -> Non
                 if attempt == dies_in and info.step == CRASH_AT and dist.get_rank() == 1:
                     os._exit(17)
 
-            loop.pretrain = lambda cfg, resume=None, hooks=(), die=die: real(cfg, resume, [*hooks, die])
+            loop.pretrain = lambda cfg, resume=None, hooks=(), overwrite=False, die=die: real(cfg, resume,
+                                                                                               [*hooks, die], overwrite)
             args = [*PRETRAIN, cache, f"out_dir={out / strategy}", f"train.strategy={strategy}"]
             assert cli.main(["pretrain", RECIPE, *args, "--resume", "auto"]) == 0
     else:

@@ -9,6 +9,7 @@ one-line `ConfigError` naming the dotted key (and the closest valid key for a mi
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -323,7 +324,8 @@ def load_eval_config(protocol: str, path: str | Path | None = None, overrides: l
     if recipe.get("protocol", protocol) != protocol:
         raise ConfigError(f"protocol: {path} is a {recipe['protocol']} recipe, not {protocol}")
     data = _merge(_merge(_merge(PROTOCOL_DEFAULTS[protocol], base or {}), recipe), {"protocol": protocol})
-    return from_dict(EvalConfig, apply_overrides(data, list(overrides)))
+    # apply_overrides edits in place: on a copy, never on the sections PROTOCOL_DEFAULTS shares with it
+    return from_dict(EvalConfig, apply_overrides(copy.deepcopy(data), list(overrides)))
 
 
 # --------------------------------------------------------------------------- validation helpers

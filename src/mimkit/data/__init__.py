@@ -17,7 +17,7 @@ from mimkit.data.datasets import (
     verify_checksum,
     walk_files,
 )
-from mimkit.data.loader import ResumableSampler, check_skipped, collate, make_loader, set_epoch
+from mimkit.data.loader import ResumableSampler, check_skipped, collate, make_loader, set_epoch, stop_workers
 from mimkit.data.shards import ShardDataset, write_shards
 from mimkit.data.transforms import EvalTransform, PretrainAugment, normalize
 
@@ -44,6 +44,7 @@ __all__ = [
     "normalize",
     "set_epoch",
     "spread",
+    "stop_workers",
     "verify_checksum",
     "walk_files",
     "write_shards",

@@ -110,6 +110,24 @@ def make_loader(
     )
 
 
+def stop_workers(iterator=None) -> None:
+    """End a DataLoader iterator's worker processes now (a single-process iterator has none). Needed
+    when a run fails, above all when a worker died: while the others' pids stay registered, torch's
+    SIGCHLD handler raises that death again wherever the process is, whenever any child exits."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    if getattr(iterator, "_worker_pids_set", False):
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+    try:
+        shutdown()
+    except (OSError, RuntimeError):  # the queues of a dead worker may be broken
+        pass
+
+
 def set_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
     """Select the epoch of a `make_loader` loader and skip the first `start` samples of this rank's
     share (e.g. steps done this epoch x accumulation x batch size, when resuming)."""

@@ -27,7 +27,16 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from mimkit.config import Config, TrainConfig, check_run
-from mimkit.data import EvalTransform, PretrainAugment, check_skipped, dataset_of, make_loader, set_epoch, spread
+from mimkit.data import (
+    EvalTransform,
+    PretrainAugment,
+    check_skipped,
+    dataset_of,
+    make_loader,
+    set_epoch,
+    spread,
+    stop_workers,
+)
 from mimkit.models import METHODS, resolve_model_config, resolved_config
 from mimkit.train import checkpoint, dist
 from mimkit.train.checkpoint import TrainingError
@@ -120,9 +129,9 @@ class LossWindow:
             self.extra[key] = self.extra.get(key, 0.0) + value.detach().float() * scale
         self.images += images
 
-    def record(self) -> dict:
+    def record(self, last_good: Callable[[], str] = lambda: "") -> dict:
         """The means over the window (over processes too), then a new window. Raises when a loss was not
-        finite, or when the window saw no image at all."""
+        finite (the message ends with `last_good()`), or when the window saw no image at all."""
         keys, world = sorted(self.extra), dist.world_size()
         sums = torch.stack([self.loss, *(self.extra[k] for k in keys),
                             torch.tensor(float(self.images), device=self.loss.device)])
@@ -130,7 +139,7 @@ class LossWindow:
         first = dist.all_reduce(torch.where(self.first_bad < 0, never, self.first_bad), "min").item()
         sums = dist.all_reduce(sums) / world
         if first != never:
-            raise NonFiniteLossError(f"non-finite loss at step {first + 1}")
+            raise NonFiniteLossError("; ".join(filter(None, [f"non-finite loss at step {first + 1}", last_good()])))
         images = round(sums[-1].item() * world)
         if images == 0:
             raise TrainingError(f"the last {self.steps} step(s) saw no readable image (every file of their batches "
@@ -143,26 +152,26 @@ class LossWindow:
         return record
 
 
-def _batches(loader) -> Iterator[dict]:
-    """The loader's batches; a DataLoader worker that died (killed, out of memory) ends the run in one line."""
-    it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except RuntimeError as e:
-            if "DataLoader worker" not in str(e):
-                raise
-            raise TrainingError(f"a data-loading worker died ({str(e).splitlines()[0]}); the checkpoints are intact: "
-                                "resume with --resume auto (with fewer data.num_workers if memory ran out)") from None
-        yield batch
+def _batches(loader, live: list) -> Iterator[dict]:
+    """The loader's batches of one epoch; its iterator is kept in `live` (to stop its workers)."""
+    live[:] = [iter(loader)]
+    yield from live[0]
 
 
-def micro_batches(loader, per_epoch: int, run: checkpoint.Run, t: TrainConfig,
-                  strict: bool) -> Iterator[list[tuple[dict, float]]]:
+def _worker_died(e: RuntimeError) -> TrainingError | None:
+    """torch's report of a DataLoader worker that died (killed, out of memory) as one line, else None. Its
+    SIGCHLD handler raises it wherever the main process is, not only in the loader."""
+    if "DataLoader worker" not in str(e):
+        return None
+    return TrainingError(f"a data-loading worker died ({str(e).splitlines()[0]}); the checkpoints are intact: "
+                         "resume with --resume auto (with fewer data.num_workers if memory ran out)")
+
+
+def micro_batches(loader, per_epoch: int, run: checkpoint.Run, t: TrainConfig, strict: bool,
+                  live: list) -> Iterator[list[tuple[dict, float]]]:
     """The micro-batches of each optimizer step, `(batch, weight)`, epoch after epoch from the run's data
-    position, which this advances. Unreadable files are recorded in `run.skipped` (strict: raised).
+    position, which this advances; `live` holds the loader's current iterator. Unreadable files are
+    recorded in `run.skipped` (strict: raised).
 
     Alone, a micro-batch whose every file is unreadable is passed over, so that no step is counted on an
     empty batch, and a run of them as long as ten log windows (or an epoch) stops the run. Under torchrun
@@ -177,7 +186,7 @@ def micro_batches(loader, per_epoch: int, run: checkpoint.Run, t: TrainConfig,
     while True:
         set_epoch(loader, run.epoch, run.position * t.batch_size)
         group = []
-        for batch in _batches(loader):
+        for batch in _batches(loader, live):
             run.position += 1
             check_skipped(batch, strict, run.skipped)
             weight = 1.0
@@ -245,9 +254,7 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
     hooks and `on_checkpoint` run in every process (write files only where `is_main()`), with the
     unwrapped model (FSDP: sharded in place; its forward and `forward_features` gather the weights)."""
     device, world = next(model.parameters()).device, dist.world_size()
-    if world > 1 and not dist.is_distributed():
-        raise RuntimeError(f"WORLD_SIZE={world} but this process is in no process group: call fit inside "
-                           "mimkit.train.dist.process_group(device), as pretrain does")
+    _require_group(world)
     loader = make_loader(dataset, t.batch_size, seed=t.seed, shuffle=True, drop_last=True, num_workers=num_workers,
                          rank=dist.rank(), world_size=world)
     plan = Plan.of(len(loader), len(dataset), t, world)
@@ -265,7 +272,8 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
     bar = progress(last_step, run.step, main, desc=kind)
     window, last_loss, ckpt_path, started = LossWindow(device), float("nan"), None, time.perf_counter()
     model.train()
-    steps = micro_batches(loader, plan.per_epoch, run, t, strict)
+    live = []  # the loader's iterator: its workers end with the run, however it ends
+    steps = micro_batches(loader, plan.per_epoch, run, t, strict, live)
     try:
         while run.step < last_step:
             lr = set_lr(optimizer, cosine_lr(run.step, plan.total_steps, plan.warmup_steps, plan.base_lr, t.min_lr))
@@ -294,10 +302,7 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
             due_ckpt = end_of_epoch or run.step == last_step or (t.ckpt_every and run.step % t.ckpt_every == 0)
             record = {}
             if run.step % t.log_every == 0 or due_ckpt:  # log
-                try:
-                    record = window.record()  # check
-                except NonFiniteLossError as e:
-                    raise NonFiniteLossError(f"{e}; {run.last_good()}") from None
+                record = window.record(run.last_good)  # check
                 last_loss = record["loss"]
                 record = {"step": run.step, "epoch": run.step / plan.steps_per_epoch, "loss": last_loss, "lr": lr,
                           **record, "skipped": len(run.skipped), "time_s": time.perf_counter() - started}
@@ -313,9 +318,25 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
                     on_checkpoint(run.step)
             if end_of_epoch and main:
                 bar.write(f"epoch {run.epoch + 1}/{t.epochs}  step {run.step}  loss {last_loss:.4f}  lr {lr:.3g}")
+    except RuntimeError as e:
+        if (died := _worker_died(e)) is None:
+            raise
+        raise died from None
     finally:  # an error ends the progress line before it is reported
+        stop_workers(*live)
         bar.close()
         metrics.close()
+    return _summary(run, last_loss, ckpt_path)
+
+
+def _require_group(world: int) -> None:
+    if world > 1 and not dist.is_distributed():
+        raise RuntimeError(f"WORLD_SIZE={world} but this process is in no process group: call fit inside "
+                           "mimkit.train.dist.process_group(device), as pretrain does")
+
+
+def _summary(run: checkpoint.Run, last_loss: float, ckpt_path: Path | None) -> dict:
+    """What `fit` returns, after one warning listing the files it could not read."""
     if run.skipped:
         names = ", ".join(f"{p} ({r})" for p, r in run.skipped.items())
         log.warning("skipped %d unreadable file(s): %s", len(run.skipped), names)
