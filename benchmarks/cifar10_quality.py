@@ -85,8 +85,8 @@ def eval_config(protocol: str, args, out_dir: Path, checkpoint: str = "", extra:
 def knn_and_linear(ctx, pool: str, out_dir: Path) -> dict:
     """kNN and linear probe of `ctx.encoder` on features computed once."""
     from mimkit.eval import linear
+    from mimkit.eval.context import accuracy, features_of
     from mimkit.eval.knn import knn_scores
-    from mimkit.eval.run import accuracy, features_of
 
     cached = features_of(ctx, pool)
     bank, bank_labels, queries, labels = cached
@@ -100,7 +100,7 @@ def knn_and_linear(ctx, pool: str, out_dir: Path) -> dict:
 
 def phase_curve(method: str, args, out: Path) -> dict:
     """kNN and linear probe (cls token) at every checkpoint kept along pretraining, against wall time."""
-    from mimkit.eval.run import build_context
+    from mimkit.eval.context import build_context
     from mimkit.train import checkpoint
     from mimkit.train.log import read_metrics
 
@@ -123,8 +123,8 @@ def phase_curve(method: str, args, out: Path) -> dict:
 
 def phase_baselines(args, out: Path) -> dict:
     """kNN on raw normalised pixels; kNN and linear probe of the CIFAR-tiny encoder at random init."""
+    from mimkit.eval.context import accuracy, build_context
     from mimkit.eval.knn import knn_scores
-    from mimkit.eval.run import accuracy, build_context
     from mimkit.models import build_model
 
     torch.manual_seed(0)

@@ -25,7 +25,8 @@ from mimkit.data import (
     ResumableSampler,
     build_dataset,
     check_skipped,
-    datasets,
+    cifar,
+    decode,
     decode_image,
     download_cifar10,
     load_cifar10,
@@ -87,9 +88,9 @@ def test_decode_16bit_and_cmyk(tmp_path):
     Image.fromarray(np.full((6, 6), 128 * 257, np.uint16)).save(tmp_path / "deep.png")
     assert Image.open(tmp_path / "deep.png").mode == "I;16"
     Image.new("CMYK", (6, 6), (0, 255, 255, 0)).save(tmp_path / "print.jpg")
-    deep = datasets.decode_image(str(tmp_path / "deep.png"))
+    deep = decode.decode_image(str(tmp_path / "deep.png"))
     assert deep.shape == (3, 6, 6) and (deep == 128).all()  # not clipped to white
-    red = datasets.decode_image((tmp_path / "print.jpg").read_bytes(), size=4)
+    red = decode.decode_image((tmp_path / "print.jpg").read_bytes(), size=4)
     assert red.shape == (3, 4, 4) and red[0].min() > 240 and red[1:].max() < 15
 
 
@@ -163,7 +164,7 @@ def test_cifar_builtin_subset_and_cache(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(datasets, "decode_image", no_decoding)
+    monkeypatch.setattr(cifar, "decode_image", no_decoding)
     again = build_dataset("cifar10", "builtin", "train", img_size=32, cache_dir=str(tmp_path), limit=100)
     assert torch.equal(again.images, train.images[::30]) and torch.equal(again.labels, train.labels[::30])
     assert torch.bincount(again.labels).tolist() == [10] * 10  # a limit spreads over every class
@@ -253,7 +254,7 @@ def test_checksum_mismatch_names_the_file(tmp_path):
 
 def test_download_verifies_md5_without_network(tmp_path, monkeypatch):
     fake_urlopen = lambda url, timeout: io.BytesIO(b"half a download")  # noqa: E731
-    monkeypatch.setattr(datasets.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(cifar.urllib.request, "urlopen", fake_urlopen)
     with pytest.raises(ValueError, match="failed verification.*md5"):
         download_cifar10(str(tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-python.tar.gz.lock"]  # no .part, no archive
@@ -277,8 +278,8 @@ def test_processes_that_ask_for_the_download_at_once_download_it_once(tmp_path, 
         calls.append(url)
         return Slow(archive)
 
-    monkeypatch.setattr(datasets.urllib.request, "urlopen", fake_urlopen)
-    monkeypatch.setitem(datasets.KNOWN_CHECKSUMS, "cifar-10-python.tar.gz", ("md5", hashlib.md5(archive).hexdigest()))
+    monkeypatch.setattr(cifar.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setitem(cifar.KNOWN_CHECKSUMS, "cifar-10-python.tar.gz", ("md5", hashlib.md5(archive).hexdigest()))
     got, errors = [], []
 
     def fetch():  # each thread opens its own lock file description, as separate processes do
@@ -496,7 +497,7 @@ def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(monkeypatch
     bomb = io.BytesIO()
     Image.new("L", (4000, 4000)).save(bomb, "PNG")  # 16 M pixels in a few KB
     assert len(bomb.getvalue()) < 100_000
-    monkeypatch.setattr(datasets, "MAX_IMAGE_PIXELS", 1_000_000)
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 1_000_000)
     with pytest.raises(BadImageError, match=r"4000 x 4000 pixels, more than MAX_IMAGE_PIXELS \(1000000\)$"):
         decode_image(bomb.getvalue())
     assert decode_image(_encode(_noise(100, 100), "PNG")).shape == (3, 100, 100)

@@ -315,7 +315,7 @@ def test_eval_under_torchrun_scores_what_one_process_scores(equal_runs, cache, t
     from mimkit import load
     from mimkit.cli import main
     from mimkit.data import EvalTransform, build_dataset
-    from mimkit.eval.run import predict
+    from mimkit.eval.context import predict
 
     results = {p: json.loads((equal_runs / f"eval_{p}" / "results.json").read_text()) for p in EVALS}
     ckpt = str(equal_runs / "full_ddp" / "checkpoints" / LAST)

@@ -9,10 +9,10 @@ import torch
 from mimkit.cli import main
 from mimkit.config import FinetuneConfig, load_config
 from mimkit.eval.attentive import AttentiveHead
+from mimkit.eval.context import accuracy, vit_from
 from mimkit.eval.finetune import mix, soft_targets
 from mimkit.eval.knn import knn_scores
 from mimkit.eval.linear import LARS, linear_head
-from mimkit.eval.run import accuracy, vit_from
 from mimkit.models import build_model
 from mimkit.train.log import read_metrics
 from mimkit.train.loop import pretrain

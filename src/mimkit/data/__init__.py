@@ -1,22 +1,12 @@
-"""Data: datasets yielding uint8 images, batched device transforms, resumable loading."""
+"""Data: datasets yielding uint8 images, batched device transforms, resumable loading.
 
-from mimkit.data.datasets import (
-    CIFAR10,
-    CIFAR10_CLASSES,
-    IMG_EXTENSIONS,
-    BadImageError,
-    DataError,
-    ImageFolder,
-    Sample,
-    build_dataset,
-    dataset_of,
-    decode_image,
-    download_cifar10,
-    load_cifar10,
-    spread,
-    verify_checksum,
-    walk_files,
-)
+decode (one file to pixels; what unreadable means) <- folder, cifar <- shards <- datasets (which one a
+config names) <- loader; transforms work on batches on the device."""
+
+from mimkit.data.cifar import CIFAR10, CIFAR10_CLASSES, download_cifar10, load_cifar10, verify_checksum
+from mimkit.data.datasets import build_dataset, dataset_of
+from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample, decode_image
+from mimkit.data.folder import ImageFolder, spread, walk_files
 from mimkit.data.loader import ResumableSampler, check_skipped, collate, make_loader, set_epoch, stop_workers
 from mimkit.data.shards import ShardDataset, write_shards
 from mimkit.data.transforms import EvalTransform, PretrainAugment, normalize

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from mimkit.data.datasets import BadImageError, Sample
+from mimkit.data.decode import BadImageError, Sample
 
 
 def collate(samples: Sequence[Sample]) -> dict:

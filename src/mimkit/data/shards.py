@@ -38,18 +38,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mimkit.data.datasets import (
-    IMG_EXTENSIONS,
-    MAX_MEMBER_BYTES,
-    BadImageError,
-    DataError,
-    ImageFolder,
-    Sample,
-    decode_image,
-)
+from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample, decode_image
+from mimkit.data.folder import ImageFolder
 
 INDEX = "index.json"
 FORMAT = "webdataset"
+MAX_MEMBER_BYTES = 1 << 26  # the default bound on one member (data.max_member_bytes): 64 MiB
 MAX_INDEX_BYTES = 1 << 26  # 64 MiB: an index of a million shards is ~50 MB
 MAX_LABEL = 2**31 - 1
 MAX_SHARD_SAMPLES = 2**31 - 1

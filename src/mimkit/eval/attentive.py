@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimkit.eval.context import Context, probe
 from mimkit.eval.linear import linear_head, probe_optimizer
-from mimkit.eval.run import Context, probe
 from mimkit.models.vit import LN_EPS
 
 

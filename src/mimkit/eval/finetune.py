@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from mimkit.config import FinetuneConfig
 from mimkit.data import PretrainAugment
-from mimkit.eval.run import Context, train_classifier, vit_from
+from mimkit.eval.context import Context, train_classifier, vit_from
 from mimkit.models.vit import VisionTransformer, init_weights
 from mimkit.train.optim import param_groups
 

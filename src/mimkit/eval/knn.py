@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mimkit.config import Config
+from mimkit.eval.context import Context, accuracy, decoded_size, features_of
 from mimkit.eval.features import extract
-from mimkit.eval.run import Context, accuracy, decoded_size, features_of
 from mimkit.train.loop import StepInfo
 
 

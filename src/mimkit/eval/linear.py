@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mimkit.eval.run import Context, probe
+from mimkit.eval.context import Context, probe
 
 
 class LARS(torch.optim.Optimizer):

@@ -1,0 +1,98 @@
+"""Decoding one image file (path or bytes) to RGB uint8, and the vocabulary of unreadable data.
+
+Every dataset item is a `Sample(image, label, path, reason)`: `image` is uint8 (3, S, S) with the same
+S for the whole dataset, or None when the file is unreadable, `reason` saying why. Unreadable files
+never raise inside a worker; `loader.collate` drops and lists them, and the training loop decides
+(count and report, or raise `BadImageError` in strict mode).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+# Larger images are refused before their pixels are decoded (a decompression bomb is a few KB of PNG
+# that decodes to gigabytes): 2^28 pixels is 16384 x 16384, 768 MiB as RGB.
+MAX_IMAGE_PIXELS = 1 << 28
+
+
+class DataError(ValueError):
+    """Data that cannot be used as a whole (an empty folder, a malformed shard index, a source that
+    yields no readable image); the message is one line and names the path."""
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)  # args stay (path, reason) so the error pickles
+        self.path, self.reason = path, reason
+
+    def __str__(self) -> str:
+        return f"unreadable image {self.path}: {self.reason}"
+
+
+class Sample(NamedTuple):
+    """One dataset item; `image` is uint8 (3, S, S), or None with `reason` when unreadable."""
+
+    image: torch.Tensor | None
+    label: int
+    path: str
+    reason: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_image(src: str | os.PathLike | bytes, size: int = 0) -> torch.Tensor:
+    """Decode an image file (path or bytes) of any mode to RGB uint8 (3, H, W).
+
+    With size > 0, resize the shorter side to `size` (bicubic, antialiased) and center-crop a
+    size x size square. Raises BadImageError for anything unreadable.
+    """
+    src = src if isinstance(src, bytes) else os.fspath(src)
+    name = src if isinstance(src, str) else "<bytes>"
+    try:
+        if (len(src) if isinstance(src, bytes) else os.path.getsize(src)) == 0:
+            raise BadImageError(name, "empty file")
+        with Image.open(src if isinstance(src, str) else io.BytesIO(src)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise BadImageError(name, f"{im.width} x {im.height} pixels, more than MAX_IMAGE_PIXELS "
+                                          f"({MAX_IMAGE_PIXELS})")
+            rgb = _to_rgb(im)  # convert() loads the pixels, so truncated data raises here
+        if size and rgb.size != (size, size):
+            # Resizing the central square straight to size x size is Resize(size) + CenterCrop(size)
+            # without resampling the pixels the crop throws away.
+            w, h = rgb.size
+            side = min(w, h)
+            left, top = (w - side) / 2, (h - side) / 2
+            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+        array = np.array(rgb, dtype=np.uint8)  # (H, W, 3)
+    except BadImageError:
+        raise
+    except UnidentifiedImageError:
+        raise BadImageError(name, "not a recognised image format") from None
+    except Exception as e:  # PIL's plugins raise many types on corrupt data (OSError, struct.error, ...)
+        raise BadImageError(name, f"{type(e).__name__}: {e}") from e
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        # PIL's convert("RGB") clips these to 255 (a white image); map the 16-bit range to 8 bits.
+        a = np.asarray(im, dtype=np.float32)
+        if im.mode.startswith("I;16") or a.max() > 255:
+            a = a / 257.0
+        im = Image.fromarray(np.rint(np.clip(a, 0, 255)).astype(np.uint8))
+    if im.mode == "RGB":
+        im.load()  # raises on truncated data, like convert() below would
+        return im
+    # Alpha is dropped, as torchvision's ImageFolder loader (used by MAE) does.
+    return im.convert("RGB")

@@ -1,0 +1,192 @@
+"""What every evaluation protocol works with: the context (encoder, labelled data, device, loaded once),
+frozen features, predictions and accuracy, and the supervised training loop.
+
+Every protocol scores `cfg.val_split` with top-1 / top-5 accuracy. The supervised ones (linear
+probe, attentive probe, fine-tuning) train through the shared loop (`mimkit.train.loop.fit`), so
+they get the same logging, AMP, checkpoints and exact resume as pretraining, plus a validation at
+the end of every epoch that keeps the best checkpoint beside the latest ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mimkit.config import EvalConfig, to_dict
+from mimkit.convert import load
+from mimkit.data import EvalTransform, PretrainAugment, dataset_of
+from mimkit.eval.features import FeatureSet, extract, features, in_shares
+from mimkit.models.vit import VisionTransformer, resample_pos_embed
+from mimkit.serialization import read_torch
+from mimkit.train.checkpoint import write_atomic
+from mimkit.train.dist import full_state_dict, is_main, pick_device
+from mimkit.train.loop import StepInfo, fit
+
+
+@dataclass
+class Context:
+    """What every protocol starts from."""
+
+    cfg: EvalConfig
+    encoder: VisionTransformer
+    """The pretrained encoder alone (no decoder), at the evaluation resolution, on the device."""
+    train_set: object
+    val_set: object
+    num_classes: int
+    transform: EvalTransform
+    """uint8 (B, 3, S, S) -> normalised (B, 3, img_size, img_size): resize + center crop."""
+    device: torch.device
+
+
+def vit_from(model: nn.Module, img_size: int | None = None, **changes) -> VisionTransformer:
+    """A `VisionTransformer` with the encoder weights of `model` (an MAE/CAE model or a ViT).
+
+    `changes` override constructor arguments (num_classes, global_pool, drop_path_rate). Position
+    embeddings are resampled (bicubic) when `img_size` changes the patch grid; with global_pool
+    "avg" the pretrained final `norm` is dropped and a fresh `fc_norm` is used (MAE fine-tuning)."""
+    arch = {**model.arch, **changes, "img_size": img_size or model.img_size}
+    vit = VisionTransformer(**arch)
+    source = model.encoder_state_dict() if hasattr(model, "encoder_state_dict") else model.state_dict()
+    own = vit.state_dict()
+    state = {k: v for k, v in source.items() if k in own and not k.startswith(("head.", "fc_norm."))}
+    state["pos_embed"] = resample_pos_embed(source["pos_embed"], vit.patch_embed.grid_size)
+    missing = vit.load_state_dict(state, strict=False).missing_keys
+    unexpected_missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+    if unexpected_missing:
+        raise ValueError(f"the checkpoint's encoder lacks {', '.join(unexpected_missing)}")
+    return vit
+
+
+def decoded_size(dataset) -> int:
+    """Side of the images a dataset yields (its workers already resized them)."""
+    return next(s.image.shape[-1] for s in (dataset[i] for i in range(len(dataset))) if s.image is not None)
+
+
+def build_context(cfg: EvalConfig, model: nn.Module | None = None) -> Context:
+    """Encoder (from `cfg.checkpoint`, or the given `model`) and labelled data for a protocol."""
+    if model is None and not cfg.checkpoint:
+        raise FileNotFoundError("no checkpoint given: mimkit eval PROTOCOL CHECKPOINT --data ...")
+    device = pick_device(cfg.train.device)
+    model = model if model is not None else load(cfg.checkpoint)
+    encoder = vit_from(model, cfg.img_size or None).to(device).eval()
+    d = cfg.data
+    train_set = dataset_of(d, encoder.img_size)
+    val_set = dataset_of(d, encoder.img_size, cfg.val_split, limit=0)
+    num_classes = len(train_set.classes)
+    crop_pct = cfg.crop_pct or encoder.img_size / decoded_size(val_set)
+    transform = EvalTransform(encoder.img_size, crop_pct=crop_pct, mean=d.mean, std=d.std)
+    return Context(cfg, encoder, train_set, val_set, num_classes, transform, device)
+
+
+def accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracies in percent: {"top1": .., "top5": ..} (k capped at the number of classes)."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (M, kmax)
+    hit = top == labels.unsqueeze(1)
+    return {f"top{k}": 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def predict(forward: Callable[[Tensor], Tensor], dataset, transform, batch_size: int, device,
+            empty: Tensor) -> dict[str, float]:
+    """Top-1/top-5 of `forward` (normalised images or features -> logits) on a dataset, in eval mode.
+    Under torchrun a collective: every process scores its share (`empty`: see `in_shares`)."""
+    with torch.no_grad():
+        scores, labels = in_shares(dataset, forward, batch_size=batch_size, empty=empty, transform=transform,
+                                   device=device)
+    return accuracy(scores, labels)
+
+
+def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, train_set, val_forward, val_set,
+                     val_transform, kind: str, resume: str | None = None) -> dict:
+    """Fit `model` with the shared loop, validating after every epoch; keeps `best.pt` (the trainable
+    weights of the best epoch) beside the latest checkpoints. Returns last and best accuracies."""
+    cfg = ctx.cfg
+    out_dir = Path(cfg.out_dir)
+    best_path = out_dir / "best.pt"
+    best = {"top1": -1.0}
+    if resume is not None and best_path.exists():  # the best epoch of the run being resumed
+        best = read_torch(best_path)["best"]
+
+    size = ctx.encoder.img_size
+    empty = val_set.feats[:0] if isinstance(val_set, FeatureSet) else torch.zeros(0, 3, size, size)
+    empty = empty.to(ctx.device)
+    # A fine-tuned classifier's best.pt names its architecture, so that `mimkit.load` rebuilds it as it is.
+    entry = {"config": to_dict(cfg)}
+    if isinstance(model, VisionTransformer):
+        entry = {"method": "vit", "config": {**entry["config"], "model": model.arch}}
+
+    def validate(info: StepInfo) -> dict | None:
+        if not info.end_of_epoch:
+            return None
+        model.eval()
+        metrics = predict(val_forward, val_set, val_transform, cfg.train.batch_size, ctx.device, empty)
+        model.train()
+        if metrics["top1"] > best["top1"]:  # the same metrics, so the same decision, in every process
+            best.clear()
+            best.update(metrics, epoch=info.epoch + 1)
+            state = full_state_dict(model)
+            if is_main():
+                out_dir.mkdir(parents=True, exist_ok=True)
+                write_atomic(best_path, {"model": state, "best": dict(best), **entry})
+        return {f"val_{k}": v for k, v in metrics.items()}
+
+    summary = fit(model, loss_fn, train_set, optimizer, cfg.train, out_dir=out_dir, config=to_dict(cfg),
+                  kind=kind, strict=cfg.data.strict, num_workers=cfg.data.num_workers, resume=resume,
+                  hooks=[validate])
+    model.eval()
+    last = predict(val_forward, val_set, val_transform, cfg.train.batch_size, ctx.device, empty)
+    return {**last, "best": best if best["top1"] >= 0 else dict(last), "steps": summary["step"]}
+
+
+def features_of(ctx: Context, pool: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Frozen features of the training and validation sets (the slow part of kNN and cached probes)."""
+    n = ctx.cfg.data.num_workers
+    bs = max(ctx.cfg.train.batch_size, 256)
+    train = extract(ctx.encoder, ctx.train_set, ctx.transform, pool, bs, n)
+    val = extract(ctx.encoder, ctx.val_set, ctx.transform, pool, bs, n)
+    return (*train, *val)
+
+
+
+class FrozenProbe(nn.Module):
+    """A trainable head on a frozen encoder's features; only the head is saved and trained."""
+
+    def __init__(self, encoder: VisionTransformer, head: nn.Module, pool: str):
+        super().__init__()
+        self.head, self.pool = head, pool
+        self.encoder = [encoder]  # a list keeps it out of parameters() and state_dict()
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        return self.head(features(self.encoder[0], imgs, self.pool))
+
+
+def probe(ctx: Context, head: nn.Module, pool: str, optimizer: torch.optim.Optimizer, kind: str,
+          resume: str | None = None, cached: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> dict:
+    """Train `head` on frozen features (`pool`) with cross-entropy. With `probe.augment` images go through
+    RandomResizedCrop + flip and the frozen encoder at every step (the papers' protocol); without, the
+    features are computed once (or taken from `cached`: `features_of(ctx, pool)`) and the head trains on them."""
+    cfg = ctx.cfg
+    head.to(ctx.device)
+    if cfg.probe.augment:
+        d = cfg.data
+        augment = PretrainAugment(ctx.encoder.img_size, scale=d.scale, ratio=d.ratio, hflip=d.hflip, mean=d.mean,
+                                  std=d.std)
+        model = FrozenProbe(ctx.encoder, head, pool)
+
+        def loss_fn(module, batch, generator):
+            logits = module(augment(batch["images"].to(ctx.device), generator))
+            return F.cross_entropy(logits, batch["labels"].to(ctx.device)), {}
+
+        return train_classifier(ctx, model, loss_fn, optimizer, ctx.train_set, model, ctx.val_set, ctx.transform,
+                                kind, resume)
+    feats, labels, val_feats, val_labels = cached if cached is not None else features_of(ctx, pool)
+
+    def loss_fn(module, batch, generator):
+        return F.cross_entropy(module(batch["images"].to(ctx.device)), batch["labels"].to(ctx.device)), {}
+
+    return train_classifier(ctx, head, loss_fn, optimizer, FeatureSet(feats, labels), head,
+                            FeatureSet(val_feats, val_labels), None, kind, resume)
