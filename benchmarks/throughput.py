@@ -32,7 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import machine, write_report
-from mimkit.convert import hf_config_from_mae, mae_to_hf
+from mimkit.export import hf_config_from_mae, mae_to_hf
 from mimkit.models import build_model
 from mimkit.train.loop import compile_blocks
 from mimkit.train.malloc import keep_freed_memory

@@ -380,7 +380,7 @@ def test_official_checkpoint_loads(decoder_embed_dim):
 
 def test_encoder_exports_to_a_plain_vit_and_optimizer_metadata():
     model = _randomize(_toy(decoder_embed_dim=8)).eval()
-    vit = VisionTransformer(**model.encoder_kwargs()).eval()
+    vit = VisionTransformer(**model.arch).eval()
     vit.load_state_dict(model.encoder_state_dict(), strict=True)
     imgs = _imgs()
     assert torch.equal(vit.forward_features(imgs), model.forward_features(imgs))
@@ -390,7 +390,7 @@ def test_encoder_exports_to_a_plain_vit_and_optimizer_metadata():
 
 def test_timm_export_folds_the_q_and_v_biases_into_a_plain_vit(tmp_path):
     model = _randomize(_toy(decoder_embed_dim=8)).eval()
-    plain = VisionTransformer(**{**model.encoder_kwargs(), "qv_bias": False})  # timm's ViT with LayerScale
+    plain = VisionTransformer(**{**model.arch, "qv_bias": False})  # timm's ViT with LayerScale
     imgs = _imgs()
     for name in ("cae.pth", "cae.safetensors"):
         export(model, tmp_path / name, "timm")

@@ -12,16 +12,15 @@ import torch
 import torch.nn.functional as F
 
 import mimkit
+from mimkit.architecture import architecture_of
 from mimkit.cli import main
 from mimkit.convert import (
     WeightsError,
-    architecture_of,
     load,
     load_weights,
-    mae_to_hf,
     read_weights,
 )
-from mimkit.export import export, timm_state_dict
+from mimkit.export import export, mae_to_hf, timm_state_dict
 from mimkit.models import build_model
 from mimkit.models.vit import VisionTransformer, resample_pos_embed
 from mimkit.serialization import read_torch

@@ -20,7 +20,8 @@ ALLOWED = {
     "mimkit.data": ("mimkit.serialization",),
     "mimkit.models": ("mimkit.masking", "mimkit.targets", "mimkit.tokenizers"),
     # weights in and out sit below training, which reads and writes checkpoints through them
-    "mimkit.convert": ("mimkit.models", "mimkit.serialization"),
+    "mimkit.architecture": ("mimkit.models", "mimkit.serialization"),
+    "mimkit.convert": ("mimkit.architecture", "mimkit.models", "mimkit.serialization"),
 }
 NEVER = {  # module prefix -> what it must not import
     "mimkit.train": ("mimkit.eval", "mimkit.cli"),

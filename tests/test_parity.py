@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mimkit.convert import hf_config_from_mae, hf_to_mae, mae_to_hf
+from mimkit.convert import hf_to_mae
+from mimkit.export import hf_config_from_mae, mae_to_hf
 from mimkit.models import build_model
 
 transformers = pytest.importorskip("transformers")  # a dev dependency; CI installs it

@@ -152,7 +152,8 @@ def _add_weight_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load_for_writing(args: argparse.Namespace):
-    from mimkit.convert import encoder_of, load
+    from mimkit.architecture import encoder_of
+    from mimkit.convert import load
 
     overrides = {k: v for k, v in (("img_size", args.img_size), ("num_heads", args.num_heads),
                                    ("decoder_num_heads", args.decoder_num_heads)) if v is not None}
@@ -161,7 +162,7 @@ def _load_for_writing(args: argparse.Namespace):
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from mimkit.convert import architecture_of, describe
+    from mimkit.architecture import architecture_of, describe
     from mimkit.export import export
 
     model = _load_for_writing(args)
@@ -171,7 +172,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from mimkit.convert import architecture_of, describe, encoder_of
+    from mimkit.architecture import architecture_of, describe, encoder_of
     from mimkit.export import export
 
     model = _load_for_writing(args)

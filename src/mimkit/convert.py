@@ -31,7 +31,6 @@ New layouts plug in as one entry of `formats()`.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -43,6 +42,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from mimkit.architecture import (
+    build_architecture,
+    fit_pos_embed,
+    infer_architecture,
+    load_checked,
+    method_fields,
+    shorten,
+    target_grid,
+)
 from mimkit.config import ConfigError
 from mimkit.serialization import WeightsError, read_safetensors, read_sharded, read_torch
 
@@ -55,28 +63,28 @@ log = logging.getLogger(__name__)
 
 # Per-block names: mimkit -> transformers 5 (in memory) and -> transformers 4.x (on disk, and what
 # transformers 5 still writes with save_pretrained). `attn.q|k|v` are halves of the split qkv.
-_BLOCK_TO_HF = {
+BLOCK_TO_HF = {
     "attn.q": "attention.q_proj", "attn.k": "attention.k_proj", "attn.v": "attention.v_proj",
     "norm1": "layernorm_before", "attn.proj": "attention.o_proj", "norm2": "layernorm_after",
     "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
 }
-_BLOCK_TO_HF_LEGACY = {
+BLOCK_TO_HF_LEGACY = {
     "attn.q": "attention.attention.query", "attn.k": "attention.attention.key",
     "attn.v": "attention.attention.value", "norm1": "layernorm_before",
     "attn.proj": "attention.output.dense", "norm2": "layernorm_after",
     "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
 }
-_BLOCK_FROM_HF = {v: k for k, v in _BLOCK_TO_HF.items()} | {v: k for k, v in _BLOCK_TO_HF_LEGACY.items()}
+_BLOCK_FROM_HF = {v: k for k, v in BLOCK_TO_HF.items()} | {v: k for k, v in BLOCK_TO_HF_LEGACY.items()}
 
 # Outside the blocks; the encoder part is prefixed by `vit.` in ViTMAEForPreTraining and
 # ViTForImageClassification, and by nothing in ViTModel / ViTMAEModel.
-_ENCODER_TO_HF = {
+ENCODER_TO_HF = {
     "cls_token": "embeddings.cls_token",
     "pos_embed": "embeddings.position_embeddings",
     "patch_embed.proj": "embeddings.patch_embeddings.projection",
     "norm": "layernorm",
 }
-_OUTSIDE_TO_HF = {
+OUTSIDE_TO_HF = {
     "decoder_embed": "decoder.decoder_embed",
     "mask_token": "decoder.mask_token",
     "decoder_pos_embed": "decoder.decoder_pos_embed",
@@ -91,54 +99,13 @@ _HF_DECODER_BLOCK = re.compile(r"^decoder\.(?:decoder_layers|decoder_encoder\.la
 _HF_POOLER = re.compile(r"^(?:vit\.)?pooler\.dense\.(?:weight|bias)$")
 
 
-def _split_suffix(key: str) -> tuple[str, str]:
+def split_suffix(key: str) -> tuple[str, str]:
     stem, _, leaf = key.rpartition(".")
     return (stem, leaf) if leaf in ("weight", "bias") else (key, "")
 
 
-def _join(stem: str, leaf: str) -> str:
+def join_key(stem: str, leaf: str) -> str:
     return f"{stem}.{leaf}" if leaf else stem
-
-
-def _shorten(items: list[str], n: int = 8) -> str:
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
-def mae_to_hf(state: Mapping[str, Tensor], prefix: str = "vit.", legacy: bool = False) -> dict[str, Tensor]:
-    """mimkit state dict -> Hugging Face ViT / ViTMAE names, qkv split into q, k, v.
-
-    `prefix` is `"vit."` for ViTMAEForPreTraining and ViTForImageClassification, `""` for ViTModel
-    and ViTMAEModel. `legacy=False` gives the names of transformers 5 models in memory (for
-    `load_state_dict`); `legacy=True` the 4.x hub names, which both 4.x and 5.x `from_pretrained`
-    read (what `mimkit export --to hf` writes). `head` becomes `classifier`. `fc_norm` (average
-    pooling) and LayerScale have no Hugging Face ViT counterpart and raise.
-    """
-    block_names = _BLOCK_TO_HF_LEGACY if legacy else _BLOCK_TO_HF
-    out = {}
-    for key, value in state.items():
-        stem, leaf = _split_suffix(key)
-        m = re.match(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)$", stem)
-        if m:
-            stack = ("encoder.layer" if legacy else "layers") if m[1] == "blocks" else "decoder.decoder_layers"
-            base = f"{prefix}{stack}.{m[2]}" if m[1] == "blocks" else f"{stack}.{m[2]}"
-            if m[3] == "attn.qkv":
-                for n, part in zip("qkv", value.chunk(3, dim=0)):
-                    out[_join(f"{base}.{block_names['attn.' + n]}", leaf)] = part.clone()
-            elif m[3] in block_names:
-                out[_join(f"{base}.{block_names[m[3]]}", leaf)] = value
-            else:
-                raise WeightsError(f"{key} has no Hugging Face ViT counterpart (LayerScale and other "
-                                   "additions to the plain ViT block cannot be exported to transformers' ViT)")
-        elif stem in _ENCODER_TO_HF:
-            out[_join(prefix + _ENCODER_TO_HF[stem], leaf)] = value
-        elif stem in _OUTSIDE_TO_HF:
-            out[_join(_OUTSIDE_TO_HF[stem], leaf)] = value
-        elif stem == "fc_norm":
-            raise WeightsError("fc_norm (average pooling, as in MAE fine-tuning) has no Hugging Face ViT "
-                               "counterpart: transformers' ViT classifies the cls token after the final norm")
-        else:
-            raise WeightsError(f"{key} has no Hugging Face ViT counterpart")
-    return out
 
 
 def hf_to_mae(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -150,26 +117,26 @@ def hf_to_mae(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     `pooler.dense` is dropped: mimkit models end at the final norm, which is what
     `last_hidden_state` is. Any other unknown key raises a `WeightsError` listing them.
     """
-    encoder = {v: k for k, v in _ENCODER_TO_HF.items()}
-    top = {v: k for k, v in _OUTSIDE_TO_HF.items()}
+    encoder = {v: k for k, v in ENCODER_TO_HF.items()}
+    top = {v: k for k, v in OUTSIDE_TO_HF.items()}
     out, unknown, pooler = {}, [], []
     for key, value in state.items():
-        stem, leaf = _split_suffix(key)
+        stem, leaf = split_suffix(key)
         m = _HF_BLOCK.match(stem) or _HF_DECODER_BLOCK.match(stem)
         bare = stem.removeprefix("vit.")
         if m and m[2] in _BLOCK_FROM_HF:
             stack = "decoder_blocks" if stem.startswith("decoder.") else "blocks"
-            out[_join(f"{stack}.{m[1]}.{_BLOCK_FROM_HF[m[2]]}", leaf)] = value
+            out[join_key(f"{stack}.{m[1]}.{_BLOCK_FROM_HF[m[2]]}", leaf)] = value
         elif bare in encoder:
-            out[_join(encoder[bare], leaf)] = value
+            out[join_key(encoder[bare], leaf)] = value
         elif stem in top:
-            out[_join(top[stem], leaf)] = value
+            out[join_key(top[stem], leaf)] = value
         elif _HF_POOLER.match(key):
             pooler.append(key)
         else:
             unknown.append(key)
     if unknown:
-        raise WeightsError(f"unknown Hugging Face ViT keys: {_shorten(unknown)} (mimkit reads ViT, ViTMAE, "
+        raise WeightsError(f"unknown Hugging Face ViT keys: {shorten(unknown)} (mimkit reads ViT, ViTMAE, "
                            "ViTModel and ViTForImageClassification weights)")
     if pooler:
         log.info("dropping the Hugging Face ViT pooler (%s): mimkit models end at the final norm", ", ".join(pooler))
@@ -180,35 +147,6 @@ def hf_to_mae(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if any(p is None for p in parts):
             raise WeightsError(f"{base}: q, k and v projections must all be present (missing some of them)")
         out[f"{base}.attn.qkv{leaf}"] = torch.cat(parts, dim=0)
-    return out
-
-
-def hf_config_from_mae(cfg) -> dict:
-    """`ViTMAEConfig` keyword arguments equivalent to a mimkit `MAEConfig` (LayerNorm eps 1e-6 as in MAE)."""
-    return dict(
-        hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), hidden_act="gelu", qkv_bias=True,
-        image_size=cfg.img_size, patch_size=cfg.patch_size, num_channels=cfg.in_chans,
-        decoder_hidden_size=cfg.decoder_embed_dim, decoder_num_hidden_layers=cfg.decoder_depth,
-        decoder_num_attention_heads=cfg.decoder_num_heads,
-        decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.mlp_ratio),
-        mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, layer_norm_eps=1e-6,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-
-
-def hf_config_from_vit(cfg: Mapping) -> dict:
-    """`ViTConfig` keyword arguments equivalent to a mimkit ViT config (see `vit_fields`)."""
-    out = dict(
-        hidden_size=cfg["embed_dim"], num_hidden_layers=cfg["depth"], num_attention_heads=cfg["num_heads"],
-        intermediate_size=int(cfg["embed_dim"] * cfg["mlp_ratio"]), hidden_act="gelu",
-        qkv_bias=cfg["qkv_bias"], image_size=cfg["img_size"], patch_size=cfg["patch_size"],
-        num_channels=cfg["in_chans"], encoder_stride=cfg["patch_size"], layer_norm_eps=1e-6,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    if cfg["num_classes"]:
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg["num_classes"])}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(cfg["num_classes"])}
     return out
 
 
@@ -328,7 +266,7 @@ def _weights_of(obj: object, name: str, hints: dict) -> Weights:
             except WeightsError as e:
                 raise WeightsError(f"{name}: {e}") from None
     raise WeightsError(
-        f"{name}: not a Vision Transformer checkpoint mimkit can read: its keys ({_shorten(list(state), 5)}) "
+        f"{name}: not a Vision Transformer checkpoint mimkit can read: its keys ({shorten(list(state), 5)}) "
         "match none of the known layouts: official MAE / timm (patch_embed.proj.weight, blocks.0.attn.qkv.weight, "
         "...), Hugging Face ViT / ViTMAE (vit.embeddings.*, encoder.layer.0.*), official CAE, or a mimkit file. "
         "It may come from another architecture.")
@@ -415,203 +353,6 @@ def read_state(source: str | Path | Mapping) -> dict[str, Tensor]:
     return read_weights(source).state
 
 
-# ---------------------------------------------------------------------------------------------
-# Architecture: read off the weights, build, describe
-# ---------------------------------------------------------------------------------------------
-
-# Attention heads of the standard widths (ViT paper; DeiT for 192 and 384): the one thing the
-# weights do not say. MAE's decoders: 512 wide, 16 heads (`models_mae.py`, HF ViTMAEConfig).
-HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-DECODER_HEADS = {512: 16}
-# A bare encoder is method "vit": a `VisionTransformer` built from its keyword arguments (`vit_fields`).
-POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")  # (1, 1 + N, D): one cls row, then the grid
-
-
-def vit_fields() -> tuple[str, ...]:
-    """The keyword arguments of `VisionTransformer`: the model config of method "vit"."""
-    from mimkit.models.vit import VisionTransformer
-
-    return tuple(inspect.signature(VisionTransformer).parameters)
-
-
-def method_fields(method: str) -> tuple[str, ...]:
-    """The model-config fields of a method ("vit" for a bare `VisionTransformer`)."""
-    if method == "vit":
-        return vit_fields()
-    from mimkit.models import METHODS, resolve_model_config
-
-    resolve_model_config(method, {})  # unknown method -> ConfigError naming the known ones
-    return tuple(f.name for f in dataclasses.fields(METHODS[method][0]))
-
-
-def _depth(state: Mapping[str, Tensor], stack: str, where: str) -> int:
-    ids = sorted({int(m[1]) for k in state if (m := re.match(rf"^{stack}\.(\d+)\.", k))})
-    if ids != list(range(len(ids))):
-        gaps = sorted(set(range(max(ids) + 1)) - set(ids))
-        raise WeightsError(f"{where}: {stack} {', '.join(map(str, gaps))} missing (found {len(ids)} of "
-                           f"{max(ids) + 1}); the file is incomplete")
-    return len(ids)
-
-
-def _grid(pos: Tensor, key: str, where: str) -> int:
-    n = pos.shape[1] - 1 if pos.ndim == 3 else 0
-    if n < 1 or math.isqrt(n) ** 2 != n:
-        raise WeightsError(f"{where}: {key} of shape {tuple(pos.shape)} is not (1, 1 + n*n, D)")
-    return math.isqrt(n)
-
-
-def infer_architecture(state: Mapping[str, Tensor], given: Mapping | None = None,
-                       where: str = "weights") -> tuple[str, dict]:
-    """(method, model config) of a state dict in mimkit names, read off the weights.
-
-    Sizes come from the tensors; heads from `given` (config.json or the caller) else `HEADS` /
-    `DECODER_HEADS`. With a decoder it is an "mae", else a "vit" (`VisionTransformer`), whose
-    classifier (`head`) and pooling (`fc_norm` without `norm`: average, MAE fine-tuning) are read
-    too. `given` fields that the method does not have are ignored.
-    """
-    given = dict(given or {})
-    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
-        missing = [k for k in ("patch_embed.proj.weight", "pos_embed") if k not in state]
-        raise WeightsError(f"{where}: not a Vision Transformer: no {' or '.join(missing)} among "
-                           f"{_shorten(sorted(state), 5)}")
-    D, C, p, _ = state["patch_embed.proj.weight"].shape
-    depth = _depth(state, "blocks", where)
-    fc1 = state.get("blocks.0.mlp.fc1.weight")
-    cfg = dict(img_size=_grid(state["pos_embed"], "pos_embed", where) * p, patch_size=p, in_chans=C, embed_dim=D,
-               depth=depth, num_heads=HEADS.get(D), mlp_ratio=fc1.shape[0] / D if fc1 is not None else 4.0)
-    if "decoder_embed.weight" in state:
-        method = "mae"
-        Dd = state["decoder_embed.weight"].shape[0]
-        cfg |= dict(decoder_embed_dim=Dd, decoder_depth=_depth(state, "decoder_blocks", where),
-                    decoder_num_heads=DECODER_HEADS.get(Dd))
-        dfc1 = state.get("decoder_blocks.0.mlp.fc1.weight")
-        if dfc1 is not None and dfc1.shape[0] / Dd != cfg["mlp_ratio"]:
-            raise WeightsError(f"{where}: decoder MLP ratio {dfc1.shape[0] / Dd} differs from the encoder's "
-                               f"{cfg['mlp_ratio']}; mimkit's MAE uses one ratio for both")
-    else:
-        method = "vit"
-        head = state.get("head.weight")
-        cfg |= dict(qkv_bias="blocks.0.attn.qkv.bias" in state or depth == 0, drop_path_rate=0.0,
-                    # any non-zero value: the trained LayerScale gammas are loaded over it
-                    init_values=1.0 if "blocks.0.ls1.gamma" in state else None,
-                    num_classes=head.shape[0] if head is not None else 0,
-                    global_pool="avg" if "fc_norm.weight" in state and "norm.weight" not in state else "token")
-        if "blocks.0.attn.q_bias" in state:  # BEiT-style q and v biases, no k bias (CAE)
-            cfg |= dict(qv_bias=True, qkv_bias=False)
-    fields = method_fields(method)
-    cfg |= {k: v for k, v in given.items() if k in fields}
-    for key, part, width, table in (("num_heads", "encoder", D, HEADS),
-                                    ("decoder_num_heads", "decoder", cfg.get("decoder_embed_dim"), DECODER_HEADS)):
-        if key in cfg and cfg[key] is None:
-            known = ", ".join(f"{w}: {h}" for w, h in table.items())
-            raise WeightsError(f"{where}: the weights do not say how many attention heads the {width}-wide {part} "
-                               f"has (standard widths: {known}); pass {key}=... (command line: "
-                               f"--{key.replace('_', '-')})")
-    return method, cfg
-
-
-def build_architecture(method: str, cfg: Mapping) -> nn.Module:
-    """A freshly initialised model: a `VisionTransformer` for "vit", else `build_model(method, cfg)`."""
-    from mimkit.models import build_model
-    from mimkit.models.vit import VisionTransformer
-
-    if method != "vit":
-        return build_model(method, dict(cfg))
-    fields = vit_fields()
-    unknown = sorted(set(cfg) - set(fields))
-    if unknown:
-        raise ConfigError(f"vit: unknown option(s) {', '.join(unknown)} (known: {', '.join(fields)})")
-    return VisionTransformer(**cfg)
-
-
-def architecture_of(model: nn.Module) -> tuple[str, dict]:
-    """(method, model config) that `build_architecture` turns back into a model like `model`."""
-    from mimkit.models import METHODS
-    from mimkit.models.vit import LayerScale, VisionTransformer
-
-    for method, (_, cls, _) in METHODS.items():
-        if type(model) is cls:
-            return method, dataclasses.asdict(model.cfg)
-    if type(model) is not VisionTransformer:
-        raise WeightsError(f"cannot describe a {type(model).__name__}: expected a VisionTransformer or a model of "
-                           "mimkit.models.METHODS")
-    blocks = model.blocks
-    extra = {}
-    if len(blocks) and getattr(blocks[0].attn, "q_bias", None) is not None:
-        extra = dict(qv_bias=True)
-    return "vit", extra | dict(
-        img_size=model.img_size, patch_size=model.patch_size, in_chans=model.patch_embed.proj.in_channels,
-        embed_dim=model.embed_dim, depth=len(blocks), num_heads=model.num_heads,
-        mlp_ratio=blocks[0].mlp.fc1.out_features / model.embed_dim if len(blocks) else 4.0,
-        qkv_bias=blocks[0].attn.qkv.bias is not None if len(blocks) else True,
-        drop_path_rate=blocks[-1].drop_path1.p if len(blocks) else 0.0,  # the last block has the full rate
-        init_values=1.0 if len(blocks) and isinstance(blocks[0].ls1, LayerScale) else None,
-        num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
-        global_pool=model.global_pool,
-    )
-
-
-def describe(method: str, cfg: Mapping) -> str:
-    """One line: `mae ViT 768x12 (12 heads), patch 16, 224 px, decoder 512x8`."""
-    s = (f"{method} ViT {cfg.get('embed_dim')}x{cfg.get('depth')} ({cfg.get('num_heads')} heads), "
-         f"patch {cfg.get('patch_size')}, {cfg.get('img_size')} px")
-    if cfg.get("decoder_embed_dim"):
-        s += f", decoder {cfg['decoder_embed_dim']}x{cfg['decoder_depth']}"
-    if cfg.get("num_classes"):
-        s += f", {cfg['num_classes']} classes ({cfg.get('global_pool')} pooling)"
-    return s
-
-
-# ---------------------------------------------------------------------------------------------
-# Position embeddings, checks and loading
-# ---------------------------------------------------------------------------------------------
-
-
-def fit_pos_embed(state: Mapping[str, Tensor], grid: int) -> dict[str, Tensor]:
-    """Resize every (1, 1 + n*n, D) position embedding in `state` to a grid x grid patch grid,
-    bicubic, keeping the cls row (`resample_pos_embed`, as MAE's `interpolate_pos_embed` and timm).
-    Same grid: unchanged."""
-    from mimkit.models.vit import resample_pos_embed
-
-    out = dict(state)
-    for key in POS_EMBED_KEYS:
-        if key in out and out[key].ndim == 3 and out[key].shape[1] != grid * grid + 1:
-            _grid(out[key], key, "weights")
-            out[key] = resample_pos_embed(out[key], grid)
-    return out
-
-
-def _target_grid(cfg: Mapping) -> int | None:
-    img, patch = cfg.get("img_size"), cfg.get("patch_size")
-    if img is None or patch is None:
-        return None
-    if img % patch:
-        raise ConfigError(f"img_size {img} is not a multiple of the patch size {patch}")
-    return img // patch
-
-
-def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], what: str = "weights") -> None:
-    """Raise a `WeightsError` listing missing, unexpected and wrongly shaped keys, if any."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
-    problems = [f"{label}: {_shorten(items)}"
-                for label, items in (("missing", missing), ("unexpected", unexpected),
-                                     ("shape mismatch (file vs model)", shapes)) if items]
-    if problems:
-        raise WeightsError(f"{what} do not fit the {type(model).__name__}: " + "; ".join(problems) +
-                           ". The file is incomplete or holds another architecture than this model.")
-
-
-def load_checked(model: nn.Module, state: Mapping[str, Tensor], what: str = "weights") -> nn.Module:
-    """`check_state_dict`, then a strict load."""
-    check_state_dict(model, state, what)
-    model.load_state_dict(state, strict=True)
-    return model
-
-
 def resolve_architecture(weights: Weights, overrides: Mapping) -> tuple[str, dict]:
     """(method, model config) for `weights`: stored or read off the weights, then the caller's overrides."""
     if weights.method is not None:
@@ -637,7 +378,7 @@ def load(source: str | Path | Mapping | Weights, device: str | torch.device = "c
     """
     weights = source if isinstance(source, Weights) else read_weights(source)
     method, cfg = resolve_architecture(weights, overrides)
-    grid = _target_grid(cfg)
+    grid = target_grid(cfg)
     state = fit_pos_embed(weights.state, grid) if grid else weights.state
     model = build_architecture(method, cfg)
     return load_checked(model, state, weights.name).to(device).eval()
@@ -662,35 +403,6 @@ def load_weights(model: nn.Module, source: str | Path | Mapping) -> nn.Module:
     if grid:
         state = fit_pos_embed(state, grid)
     return load_checked(model, state, weights.name)
-
-
-def with_img_size(model: nn.Module, img_size: int) -> nn.Module:
-    """A copy of `model` for `img_size` pixels, position embeddings resampled (bicubic); same size: `model`."""
-    if img_size == model.img_size:
-        return model
-    method, cfg = architecture_of(model)
-    cfg = dict(cfg, img_size=img_size)
-    state = fit_pos_embed(model.state_dict(), _target_grid(cfg))
-    new = load_checked(build_architecture(method, cfg), state, "resampled weights")
-    return new.to(model.cls_token.device).train(model.training)
-
-
-def encoder_of(model: nn.Module) -> nn.Module:
-    """The encoder alone as a `VisionTransformer` (timm layout): `model` itself if it is one, else built
-    from `model.encoder_state_dict()` (MAE, and any method that provides it)."""
-    from mimkit.models.vit import VisionTransformer
-
-    if type(model) is VisionTransformer:
-        return model
-    if not hasattr(model, "encoder_state_dict"):
-        raise WeightsError(f"{type(model).__name__} has no encoder_state_dict(): cannot separate its encoder")
-    state = model.encoder_state_dict()
-    if hasattr(model, "encoder_kwargs"):  # the method says how its encoder is built (CAE)
-        cfg = model.encoder_kwargs()
-    else:
-        _, cfg = infer_architecture(state, {"num_heads": model.num_heads}, f"{type(model).__name__} encoder")
-    encoder = load_checked(build_architecture("vit", cfg), state, "encoder weights")
-    return encoder.to(model.cls_token.device).train(model.training)
 
 
 # --------------------------------------------------------------------------- official CAE (Atten4Vis/CAE)

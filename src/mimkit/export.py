@@ -29,21 +29,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from mimkit.architecture import architecture_of, encoder_of, with_img_size
 from mimkit.convert import (
+    BLOCK_TO_HF,
+    BLOCK_TO_HF_LEGACY,
+    ENCODER_TO_HF,
+    OUTSIDE_TO_HF,
     WeightsError,
-    architecture_of,
-    encoder_of,
-    hf_config_from_mae,
-    hf_config_from_vit,
-    mae_to_hf,
-    with_img_size,
+    join_key,
+    split_suffix,
 )
 from mimkit.serialization import fsync_dir, os_error, os_reason
 
@@ -65,6 +67,78 @@ def _save_safetensors(state: dict[str, Tensor], path: Path, metadata: dict[str, 
 
     # safetensors stores each tensor once: make every one contiguous and unshared.
     save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path), metadata=metadata)
+
+
+# --------------------------------------------------------------------------- Hugging Face names and configs
+
+
+def mae_to_hf(state: Mapping[str, Tensor], prefix: str = "vit.", legacy: bool = False) -> dict[str, Tensor]:
+    """mimkit state dict -> Hugging Face ViT / ViTMAE names, qkv split into q, k, v.
+
+    `prefix` is `"vit."` for ViTMAEForPreTraining and ViTForImageClassification, `""` for ViTModel
+    and ViTMAEModel. `legacy=False` gives the names of transformers 5 models in memory (for
+    `load_state_dict`); `legacy=True` the 4.x hub names, which both 4.x and 5.x `from_pretrained`
+    read (what `mimkit export --to hf` writes). `head` becomes `classifier`. `fc_norm` (average
+    pooling) and LayerScale have no Hugging Face ViT counterpart and raise.
+    """
+    block_names = BLOCK_TO_HF_LEGACY if legacy else BLOCK_TO_HF
+    out = {}
+    for key, value in state.items():
+        stem, leaf = split_suffix(key)
+        m = re.match(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)$", stem)
+        if m:
+            stack = ("encoder.layer" if legacy else "layers") if m[1] == "blocks" else "decoder.decoder_layers"
+            base = f"{prefix}{stack}.{m[2]}" if m[1] == "blocks" else f"{stack}.{m[2]}"
+            if m[3] == "attn.qkv":
+                for n, part in zip("qkv", value.chunk(3, dim=0)):
+                    out[join_key(f"{base}.{block_names['attn.' + n]}", leaf)] = part.clone()
+            elif m[3] in block_names:
+                out[join_key(f"{base}.{block_names[m[3]]}", leaf)] = value
+            else:
+                raise WeightsError(f"{key} has no Hugging Face ViT counterpart (LayerScale and other "
+                                   "additions to the plain ViT block cannot be exported to transformers' ViT)")
+        elif stem in ENCODER_TO_HF:
+            out[join_key(prefix + ENCODER_TO_HF[stem], leaf)] = value
+        elif stem in OUTSIDE_TO_HF:
+            out[join_key(OUTSIDE_TO_HF[stem], leaf)] = value
+        elif stem == "fc_norm":
+            raise WeightsError("fc_norm (average pooling, as in MAE fine-tuning) has no Hugging Face ViT "
+                               "counterpart: transformers' ViT classifies the cls token after the final norm")
+        else:
+            raise WeightsError(f"{key} has no Hugging Face ViT counterpart")
+    return out
+
+
+def hf_config_from_mae(cfg) -> dict:
+    """`ViTMAEConfig` keyword arguments equivalent to a mimkit `MAEConfig` (LayerNorm eps 1e-6 as in MAE)."""
+    return dict(
+        hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), hidden_act="gelu", qkv_bias=True,
+        image_size=cfg.img_size, patch_size=cfg.patch_size, num_channels=cfg.in_chans,
+        decoder_hidden_size=cfg.decoder_embed_dim, decoder_num_hidden_layers=cfg.decoder_depth,
+        decoder_num_attention_heads=cfg.decoder_num_heads,
+        decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.mlp_ratio),
+        mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, layer_norm_eps=1e-6,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+
+
+def hf_config_from_vit(cfg: Mapping) -> dict:
+    """`ViTConfig` keyword arguments equivalent to a mimkit ViT config (see `vit_fields`)."""
+    out = dict(
+        hidden_size=cfg["embed_dim"], num_hidden_layers=cfg["depth"], num_attention_heads=cfg["num_heads"],
+        intermediate_size=int(cfg["embed_dim"] * cfg["mlp_ratio"]), hidden_act="gelu",
+        qkv_bias=cfg["qkv_bias"], image_size=cfg["img_size"], patch_size=cfg["patch_size"],
+        num_channels=cfg["in_chans"], encoder_stride=cfg["patch_size"], layer_norm_eps=1e-6,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    if cfg["num_classes"]:
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg["num_classes"])}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(cfg["num_classes"])}
+    return out
+
+
+# --------------------------------------------------------------------------- writers
 
 
 def _torch_save(obj: object, path: Path) -> None:

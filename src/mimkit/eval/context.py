@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimkit.architecture import encoder_of, with_img_size
 from mimkit.config import EvalConfig, to_dict
 from mimkit.convert import load
 from mimkit.data import EvalTransform, PretrainAugment, dataset_of
 from mimkit.eval.features import FeatureSet, extract, features, in_shares
-from mimkit.models.vit import VisionTransformer, resample_pos_embed
+from mimkit.models.vit import VisionTransformer
 from mimkit.serialization import read_torch
 from mimkit.train.checkpoint import write_atomic
 from mimkit.train.dist import full_state_dict, is_main, pick_device
@@ -44,17 +45,14 @@ class Context:
 
 
 def vit_from(model: nn.Module, img_size: int | None = None, **changes) -> VisionTransformer:
-    """A `VisionTransformer` with the encoder weights of `model` (an MAE/CAE model or a ViT).
-
-    `changes` override constructor arguments (num_classes, global_pool, drop_path_rate). Position
-    embeddings are resampled (bicubic) when `img_size` changes the patch grid; with global_pool
-    "avg" the pretrained final `norm` is dropped and a fresh `fc_norm` is used (MAE fine-tuning)."""
-    arch = {**model.arch, **changes, "img_size": img_size or model.img_size}
-    vit = VisionTransformer(**arch)
-    source = model.encoder_state_dict() if hasattr(model, "encoder_state_dict") else model.state_dict()
+    """A new `VisionTransformer` with the encoder weights of `model` (an MAE/CAE model or a ViT): the
+    encoder carved out (`encoder_of`), resized to `img_size` (`with_img_size`), rebuilt with `changes`
+    to its constructor arguments (num_classes, global_pool, drop_path_rate). Its classifier is new; with
+    global_pool "avg" the pretrained final `norm` is dropped and a fresh `fc_norm` is used (MAE fine-tuning)."""
+    encoder = with_img_size(encoder_of(model), img_size or model.img_size)
+    vit = VisionTransformer(**{**encoder.arch, **changes})
     own = vit.state_dict()
-    state = {k: v for k, v in source.items() if k in own and not k.startswith(("head.", "fc_norm."))}
-    state["pos_embed"] = resample_pos_embed(source["pos_embed"], vit.patch_embed.grid_size)
+    state = {k: v for k, v in encoder.state_dict().items() if k in own and not k.startswith(("head.", "fc_norm."))}
     missing = vit.load_state_dict(state, strict=False).missing_keys
     unexpected_missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
     if unexpected_missing:

@@ -361,10 +361,3 @@ class CAE(VisionTransformer):
         """The encoder's weights alone, under timm names (what evaluation and export keep)."""
         drop = ("regressor_", "decoder_", "mask_token", "encoder_to_regressor")
         return {k: v for k, v in self.state_dict().items() if not k.startswith(drop)}
-
-    def encoder_kwargs(self) -> dict:
-        """`VisionTransformer(**kwargs)` that `encoder_state_dict()` loads into with strict=True."""
-        c = self.cfg
-        return dict(img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=c.embed_dim,
-                    depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qv_bias=c.qv_bias,
-                    init_values=c.init_values or None)

@@ -304,7 +304,7 @@ class Run:
     def resume(self, resume: str | None, overwrite: bool = False) -> Path | None:
         """Claim out_dir (rank 0; see `claim`) and load the checkpoint it names into the model, optimizer
         and this state on every process. Returns that checkpoint, or None for a fresh start."""
-        from mimkit.convert import load_checked
+        from mimkit.architecture import load_checked
 
         claimed, error = None, None
         if self.dist.is_main():
