@@ -73,7 +73,7 @@ def phase_pretrain(method: str, args, out: Path) -> dict:
 
 
 def eval_config(protocol: str, args, out_dir: Path, checkpoint: str = "", extra: list[str] = ()):
-    from mimkit.config import load_eval_config
+    from mimkit.eval.config import load_eval_config
 
     recipe = ROOT / "configs" / "eval" / {"knn": "knn_cifar10.yaml", "linprobe": "linear_cifar10.yaml",
                                           "finetune": "finetune_cifar10.yaml"}[protocol]

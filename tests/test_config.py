@@ -5,7 +5,8 @@ import pytest
 import torch
 import yaml
 
-from mimkit.config import Config, ConfigError, check_run, load_config, load_eval_config
+from mimkit.config import Config, ConfigError, check_run, load_config
+from mimkit.eval.config import load_eval_config
 from mimkit.models import build_model, resolve_model_config, resolved_config
 from mimkit.train.loop import pretrain
 

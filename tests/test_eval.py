@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from mimkit.cli import main
-from mimkit.config import FinetuneConfig, load_config
+from mimkit.config import load_config
 from mimkit.eval.attentive import AttentiveHead
+from mimkit.eval.config import FinetuneConfig
 from mimkit.eval.context import accuracy, vit_from
 from mimkit.eval.finetune import mix, soft_targets
 from mimkit.eval.knn import knn_scores

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mimkit.cli import config_reference
-from mimkit.config import EvalConfig
+from mimkit.eval.config import EvalConfig
 from mimkit.models import METHODS
 
 ROOT = Path(__file__).parents[1]

@@ -69,8 +69,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from mimkit.config import EvalConfig, load_eval_config
     from mimkit.convert import load, read_weights
+    from mimkit.eval.config import EvalConfig, load_eval_config
     from mimkit.eval.run import evaluate
     from mimkit.viz import plot_run
 

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mimkit.architecture import encoder_of, with_img_size
-from mimkit.config import EvalConfig, to_dict
+from mimkit.config import to_dict
 from mimkit.convert import load
 from mimkit.data import EvalTransform, PretrainAugment, dataset_of
+from mimkit.eval.config import EvalConfig
 from mimkit.eval.features import FeatureSet, extract, features, in_shares
 from mimkit.models.vit import VisionTransformer
 from mimkit.serialization import read_torch

@@ -13,8 +13,8 @@ import torch
 from kornia.augmentation.auto import RandAugment
 from torch import Tensor, nn
 
-from mimkit.config import FinetuneConfig
 from mimkit.data import PretrainAugment
+from mimkit.eval.config import FinetuneConfig
 from mimkit.eval.context import Context, train_classifier, vit_from
 from mimkit.models.vit import VisionTransformer, init_weights
 from mimkit.train.optim import param_groups

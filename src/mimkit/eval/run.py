@@ -9,8 +9,9 @@ from pathlib import Path
 
 from torch import nn
 
-from mimkit.config import EvalConfig, check_run, to_dict
+from mimkit.config import check_run, to_dict
 from mimkit.eval import attentive, finetune, knn, linear
+from mimkit.eval.config import EvalConfig
 from mimkit.eval.context import build_context
 from mimkit.train.checkpoint import claim
 from mimkit.train.dist import is_main, pick_device, process_group
