@@ -171,3 +171,18 @@ def test_overrides_never_change_the_protocol_defaults():
     `train.betas` became every later call's default."""
     load_eval_config("linprobe", None, ["train.betas=[0.5, 0.6]", "train.epochs=3"])
     assert load_eval_config("linprobe").train.epochs == 90 and load_eval_config("linprobe").train.betas == (0.9, 0.95)
+
+
+def test_cae_takes_its_image_normalisation_from_the_data_section():
+    from mimkit.models import model_config_of
+
+    cfg = load_config(None, ["method=cae", "model.preset=cae_vit_tiny_cifar_patch4", "data.mean=[0.5, 0.5, 0.5]",
+                             "data.std=[0.25, 0.25, 0.25]"])
+    model = model_config_of(cfg)
+    assert model.image_mean == (0.5, 0.5, 0.5) and model.image_std == (0.25, 0.25, 0.25)
+    assert resolved_config(cfg)["model"]["image_std"] == [0.25, 0.25, 0.25]
+    clash = load_config(None, ["method=cae", "model.image_mean=[0.1, 0.1, 0.1]", "data.mean=[0.5, 0.5, 0.5]"])
+    with pytest.raises(ConfigError, match=r"^model\.image_mean: \[0\.1, 0\.1, 0\.1\] differs from data\.mean "
+                                          r"\[0\.5, 0\.5, 0\.5\]; it is the normalisation the data pipeline applies"):
+        model_config_of(clash)
+    assert model_config_of(load_config(None, [])).mask_ratio == 0.75  # MAE has no such field

@@ -53,10 +53,10 @@ class KNNMonitor:
     def from_config(cls, cfg: Config) -> KNNMonitor:
         """The monitor a pretraining config asks for (`monitor.*`), on its own data source."""
         from mimkit.data import EvalTransform, dataset_of
-        from mimkit.models import resolve_model_config
+        from mimkit.models import model_config_of
 
         d, m = cfg.data, cfg.monitor
-        size = resolve_model_config(cfg.method, cfg.model).img_size
+        size = model_config_of(cfg).img_size
         bank = dataset_of(d, size, "train", limit=m.bank_size, strict=False)
         queries = dataset_of(d, size, "test", limit=m.query_size, strict=False)
         crop = size / decoded_size(queries)

@@ -38,8 +38,31 @@ def build_model(method: str = "mae", model: dict | None = None, **overrides) -> 
     return METHODS[method][1](cfg)
 
 
-def resolved_config(cfg: Config) -> dict:
-    """The full configuration as plain data, with the model section expanded from its preset."""
+# Model fields that restate the data section: CAE un-normalises images with data.mean / data.std
+# before tokenizing them, so they are taken from there, never set apart.
+TIED_TO_DATA = {"image_mean": "mean", "image_std": "std"}
+
+
+def model_config_of(cfg: Config):
+    """The typed model config of a run: its model section over the preset, with the fields of
+    `TIED_TO_DATA` taken from the data section (given in the model section too, they must agree)."""
+    model = dict(cfg.model)
+    if cfg.method in METHODS:
+        fields = {f.name for f in dataclasses.fields(METHODS[cfg.method][0])}
+        for key, data_key in TIED_TO_DATA.items():
+            if key not in fields:
+                continue
+            value = list(getattr(cfg.data, data_key))
+            if key in model and list(model[key]) != value:
+                raise ConfigError(f"model.{key}: {list(model[key])} differs from data.{data_key} {value}; it is "
+                                  f"the normalisation the data pipeline applies: set data.{data_key} only")
+            model[key] = value
+    return resolve_model_config(cfg.method, model)
+
+
+def resolved_config(cfg: Config, model_cfg=None) -> dict:
+    """The full configuration as plain data, with the model section expanded from its preset (or
+    `model_cfg`, the run's `model_config_of(cfg)`, already resolved)."""
     out = to_dict(cfg)
-    out["model"] = dataclasses.asdict(resolve_model_config(cfg.method, cfg.model))
+    out["model"] = to_dict(model_cfg if model_cfg is not None else model_config_of(cfg))
     return out

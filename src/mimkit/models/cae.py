@@ -79,9 +79,9 @@ class CAEConfig(EncoderConfig):
     tokenizer_weights: str = ""
     """With target `tokens`: a local path or URL of the tokenizer weights (DALL-E: encoder.pkl); `random` for tests."""
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    """The normalisation the data pipeline applied (data.mean), undone before tokenizing."""
+    """The normalisation the data pipeline applied, undone before tokenizing: in a run, data.mean (set that)."""
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    """The normalisation the data pipeline applied (data.std), undone before tokenizing."""
+    """The normalisation the data pipeline applied, undone before tokenizing: in a run, data.std (set that)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

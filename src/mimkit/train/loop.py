@@ -37,7 +37,7 @@ from mimkit.data import (
     spread,
     stop_workers,
 )
-from mimkit.models import METHODS, resolve_model_config, resolved_config
+from mimkit.models import METHODS, model_config_of, resolved_config
 from mimkit.train import checkpoint, dist
 from mimkit.train.checkpoint import TrainingError
 from mimkit.train.dist import is_main, pick_device, process_group
@@ -378,15 +378,15 @@ def pretrain(cfg: Config, resume: str | None = None, hooks: list[Hook] = (), ove
     Started by torchrun (WORLD_SIZE > 1), every process joins the process group here and trains its
     share of each batch (`train.strategy`); `out_dir` must be on a filesystem all nodes share."""
     check_run(cfg)
-    resolve_model_config(cfg.method, cfg.model)  # a bad model section fails before anything starts
-    with process_group(pick_device(cfg.train.device)):
-        return _pretrain(cfg, resume, hooks, overwrite)
+    model_cfg = model_config_of(cfg)  # resolved once, here: a bad model section fails before anything starts
+    device = pick_device(cfg.train.device)
+    with process_group(device):
+        return _pretrain(cfg, model_cfg, device, resume, hooks, overwrite)
 
 
-def _pretrain(cfg: Config, resume: str | None, hooks: list[Hook], overwrite: bool) -> dict:
+def _pretrain(cfg: Config, model_cfg, device: torch.device, resume: str | None, hooks: list[Hook],
+              overwrite: bool) -> dict:
     t, d = cfg.train, cfg.data
-    model_cfg = resolve_model_config(cfg.method, cfg.model)
-    device = pick_device(t.device)
     torch.manual_seed(t.seed)  # weight initialisation: the same in every process
     model = METHODS[cfg.method][1](model_cfg).to(device)
     dataset = dataset_of(d, model_cfg.img_size)
@@ -409,7 +409,7 @@ def _pretrain(cfg: Config, resume: str | None, hooks: list[Hook], overwrite: boo
             if is_main():
                 save_png(grid, Path(cfg.out_dir) / "pictures" / f"recon-{step:08d}.png")
 
-    return fit(model, loss_fn, dataset, optimizer, t, out_dir=cfg.out_dir, config=resolved_config(cfg),
+    return fit(model, loss_fn, dataset, optimizer, t, out_dir=cfg.out_dir, config=resolved_config(cfg, model_cfg),
                kind=cfg.method, strict=d.strict, num_workers=d.num_workers, resume=resume, overwrite=overwrite,
                hooks=hooks, on_checkpoint=picture)
 
