@@ -186,3 +186,12 @@ def test_cae_takes_its_image_normalisation_from_the_data_section():
                                           r"\[0\.5, 0\.5, 0\.5\]; it is the normalisation the data pipeline applies"):
         model_config_of(clash)
     assert model_config_of(load_config(None, [])).mask_ratio == 0.75  # MAE has no such field
+
+
+def test_values_from_the_command_line_are_not_parsed_as_yaml(tmp_path):
+    """`mimkit eval knn on --data yes` once became checkpoint=on, data.root=yes overrides, read as booleans."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("protocol: knn\ndata:\n  root: elsewhere\n")
+    cfg = load_eval_config("knn", recipe, ["probe.k=5"], given={"checkpoint": "on", "data": {"root": "yes"}})
+    assert cfg.checkpoint == "on" and cfg.data.root == "yes" and cfg.probe.k == 5  # above the recipe
+    assert load_eval_config("knn", None, ["data.root=mine"], given={"data": {"root": "yes"}}).data.root == "mine"

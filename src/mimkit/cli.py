@@ -83,10 +83,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     # Unless told otherwise, evaluate on the pretraining data source with its normalisation.
     trained = weights.data
     base = {"data": {k: trained[k] for k in ("dataset", "root", "mean", "std", "cache_dir") if k in trained}}
-    overrides = [f"checkpoint={args.checkpoint}", *args.overrides]
-    if args.data is not None:
-        overrides.insert(0, f"data.root={args.data}")
-    cfg = load_eval_config(args.protocol, args.config, overrides, base=base)
+    given = {"checkpoint": args.checkpoint, **({"data": {"root": args.data}} if args.data is not None else {})}
+    cfg = load_eval_config(args.protocol, args.config, args.overrides, base=base, given=given)
     result = evaluate(cfg, resume=args.resume, model=load(weights), overwrite=args.overwrite)
     from mimkit.train.dist import is_main
 

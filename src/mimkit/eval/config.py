@@ -140,14 +140,17 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_eval_config(protocol: str, path: str | Path | None = None, overrides: list[str] = (),
-                     base: dict | None = None) -> EvalConfig:
+                     base: dict | None = None, given: dict | None = None) -> EvalConfig:
     """The protocol's paper defaults, then `base` (e.g. the checkpoint's data settings), then a YAML
-    recipe, then dotted overrides; validated."""
+    recipe, then `given` (values, e.g. the command line's checkpoint path: never parsed as YAML), then
+    dotted overrides; validated."""
     if protocol not in PROTOCOL_DEFAULTS:
         raise ConfigError(f"protocol: {protocol!r} is not one of {', '.join(PROTOCOL_DEFAULTS)}")
     recipe = read_yaml(path) if path is not None else {}
     if recipe.get("protocol", protocol) != protocol:
         raise ConfigError(f"protocol: {path} is a {recipe['protocol']} recipe, not {protocol}")
-    data = _merge(_merge(_merge(PROTOCOL_DEFAULTS[protocol], base or {}), recipe), {"protocol": protocol})
+    data = PROTOCOL_DEFAULTS[protocol]
+    for layer in (base or {}, recipe, given or {}, {"protocol": protocol}):
+        data = _merge(data, layer)
     # apply_overrides edits in place: on a copy, never on the sections PROTOCOL_DEFAULTS shares with it
     return from_dict(EvalConfig, apply_overrides(copy.deepcopy(data), list(overrides)))
