@@ -23,6 +23,10 @@ from typing import Any
 
 import yaml
 
+# The ImageNet normalisation (torchvision's), the default of every data pipeline.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class ConfigError(ValueError):
     """A bad configuration value or key; the message is one line and names the dotted key."""
@@ -46,9 +50,9 @@ class DataConfig:
     """RandomResizedCrop aspect-ratio range."""
     hflip: bool = True
     """Random horizontal flip with probability 0.5."""
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
     """Normalisation mean (ImageNet)."""
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    std: tuple[float, float, float] = IMAGENET_STD
     """Normalisation std (ImageNet)."""
     num_workers: int = 2
     """DataLoader worker processes that decode files (0 = decode in the main process)."""
@@ -155,27 +159,39 @@ class TrainConfig:
 
 
 @dataclass
-class MonitorConfig:
+class KNNConfig:
+    """The kNN classifier's settings, shared by the online monitor (`monitor.*`) and `mimkit eval knn`
+    (`probe.*`)."""
+
+    pool: str = "cls"
+    """Frozen features: `cls` token or `mean` of the patch tokens (kNN and the linear probe)."""
+    k: int = 20
+    """kNN: neighbours that vote (DINO / lightly: 20)."""
+    temperature: float = 0.07
+    """kNN: votes are weighted by exp(cosine similarity / temperature)."""
+
+    def check_knn(self, section: str) -> None:
+        check_choice(f"{section}.pool", self.pool, ("cls", "mean"))
+        if self.k < 1:
+            raise ConfigError(f"{section}.k: must be >= 1, got {self.k!r}")
+        check_positive(f"{section}.temperature", self.temperature)
+
+
+@dataclass
+class MonitorConfig(KNNConfig):
     every_epochs: int = 0
     """Online kNN evaluation every this many epochs of pretraining (0 = off), logged as knn_top1/top5."""
     bank_size: int = 5000
     """Labelled training images (spread over the train split) that form the kNN bank."""
     query_size: int = 1000
     """Test-split images that are classified."""
-    pool: str = "cls"
-    """Features: `cls` token or `mean` of the patch tokens."""
-    k: int = 20
-    """Neighbours that vote."""
-    temperature: float = 0.07
-    """Vote weight exp(similarity / temperature)."""
 
     def __post_init__(self) -> None:
-        check_choice("monitor.pool", self.pool, ("cls", "mean"))
+        self.check_knn("monitor")
         check_nonneg("monitor.every_epochs", self.every_epochs)
-        for name in ("bank_size", "query_size", "k"):
+        for name in ("bank_size", "query_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"monitor.{name}: must be >= 1, got {getattr(self, name)!r}")
-        check_positive("monitor.temperature", self.temperature)
 
 
 @dataclass

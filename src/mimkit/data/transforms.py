@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from kornia.geometry.transform import crop_and_resize
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mimkit.config import IMAGENET_MEAN, IMAGENET_STD
 
 
 def normalize(

@@ -10,24 +10,18 @@ from pathlib import Path
 from mimkit.config import (
     ConfigError,
     DataConfig,
+    KNNConfig,
     TrainConfig,
     apply_overrides,
     check_choice,
     check_nonneg,
-    check_positive,
     from_dict,
     read_yaml,
 )
 
 
 @dataclass
-class ProbeConfig:
-    pool: str = "cls"
-    """Frozen features for kNN and the linear probe: `cls` token or `mean` of the patch tokens."""
-    k: int = 20
-    """kNN: neighbours that vote (DINO / lightly: 20)."""
-    temperature: float = 0.07
-    """kNN: votes are weighted by exp(cosine similarity / temperature)."""
+class ProbeConfig(KNNConfig):
     chunk_size: int = 1024
     """kNN: test images compared with the whole bank at once (bounds memory: chunk x bank floats)."""
     augment: bool = True
@@ -39,12 +33,10 @@ class ProbeConfig:
     """Probe optimizer: `lars` (MAE linear probing) or `sgd` with momentum 0.9 (CAE attentive probing)."""
 
     def __post_init__(self) -> None:
-        check_choice("probe.pool", self.pool, ("cls", "mean"))
+        self.check_knn("probe")
         check_choice("probe.optimizer", self.optimizer, ("lars", "sgd"))
-        for name in ("k", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"probe.{name}: must be >= 1, got {getattr(self, name)!r}")
-        check_positive("probe.temperature", self.temperature)
+        if self.chunk_size < 1:
+            raise ConfigError(f"probe.chunk_size: must be >= 1, got {self.chunk_size!r}")
         check_nonneg("probe.num_heads", self.num_heads)
 
 

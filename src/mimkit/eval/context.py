@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mimkit.architecture import encoder_of, with_img_size
-from mimkit.config import to_dict
+from mimkit.config import DataConfig, to_dict
 from mimkit.convert import load
 from mimkit.data import EvalTransform, PretrainAugment, dataset_of
 from mimkit.eval.config import EvalConfig
@@ -74,12 +74,19 @@ def build_context(cfg: EvalConfig, model: nn.Module | None = None) -> Context:
     model = model if model is not None else load(cfg.checkpoint)
     encoder = vit_from(model, cfg.img_size or None).to(device).eval()
     d = cfg.data
-    train_set = dataset_of(d, encoder.img_size)
-    val_set = dataset_of(d, encoder.img_size, cfg.val_split, limit=0)
-    num_classes = len(train_set.classes)
-    crop_pct = cfg.crop_pct or encoder.img_size / decoded_size(val_set)
-    transform = EvalTransform(encoder.img_size, crop_pct=crop_pct, mean=d.mean, std=d.std)
-    return Context(cfg, encoder, train_set, val_set, num_classes, transform, device)
+    train_set, val_set, transform = labelled_data(d, encoder.img_size, (d.split, cfg.val_split), (d.limit, 0),
+                                                  cfg.crop_pct)
+    return Context(cfg, encoder, train_set, val_set, len(train_set.classes), transform, device)
+
+
+def labelled_data(d: DataConfig, size: int, splits: tuple[str, str], limits: tuple[int, int], crop_pct: float = 0.0,
+                  strict: bool | None = None) -> tuple:
+    """(training set, validation set, validation transform) of the data section `d` for `size`-pixel
+    inputs; `crop_pct` 0 center-crops what the data workers decoded (see `EvalConfig.crop_pct`)."""
+    train_set = dataset_of(d, size, splits[0], limit=limits[0], strict=strict)
+    val_set = dataset_of(d, size, splits[1], limit=limits[1], strict=strict)
+    transform = EvalTransform(size, crop_pct=crop_pct or size / decoded_size(val_set), mean=d.mean, std=d.std)
+    return train_set, val_set, transform
 
 
 def accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
@@ -99,11 +106,13 @@ def predict(forward: Callable[[Tensor], Tensor], dataset, transform, batch_size:
     return accuracy(scores, labels)
 
 
-def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, train_set, val_forward, val_set,
-                     val_transform, kind: str, resume: str | None = None) -> dict:
-    """Fit `model` with the shared loop, validating after every epoch; keeps `best.pt` (the trainable
-    weights of the best epoch) beside the latest checkpoints. Returns last and best accuracies."""
+def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, kind: str, resume: str | None = None,
+                     data: tuple | None = None) -> dict:
+    """Fit `model` with the shared loop, validating it after every epoch; keeps `best.pt` (the trainable
+    weights of the best epoch) beside the latest checkpoints. Returns last and best accuracies. `data` is
+    (training set, validation set, validation transform): the context's images unless given (features)."""
     cfg = ctx.cfg
+    train_set, val_set, val_transform = data or (ctx.train_set, ctx.val_set, ctx.transform)
     out_dir = Path(cfg.out_dir)
     best_path = out_dir / "best.pt"
     best = {"top1": -1.0}
@@ -122,7 +131,7 @@ def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, train_s
         if not info.end_of_epoch:
             return None
         model.eval()
-        metrics = predict(val_forward, val_set, val_transform, cfg.train.batch_size, ctx.device, empty)
+        metrics = predict(model, val_set, val_transform, cfg.train.batch_size, ctx.device, empty)
         model.train()
         if metrics["top1"] > best["top1"]:  # the same metrics, so the same decision, in every process
             best.clear()
@@ -137,7 +146,7 @@ def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, train_s
                   kind=kind, strict=cfg.data.strict, num_workers=cfg.data.num_workers, resume=resume,
                   hooks=[validate])
     model.eval()
-    last = predict(val_forward, val_set, val_transform, cfg.train.batch_size, ctx.device, empty)
+    last = predict(model, val_set, val_transform, cfg.train.batch_size, ctx.device, empty)
     return {**last, "best": best if best["top1"] >= 0 else dict(last), "steps": summary["step"]}
 
 
@@ -180,12 +189,11 @@ def probe(ctx: Context, head: nn.Module, pool: str, optimizer: torch.optim.Optim
             logits = module(augment(batch["images"].to(ctx.device), generator))
             return F.cross_entropy(logits, batch["labels"].to(ctx.device)), {}
 
-        return train_classifier(ctx, model, loss_fn, optimizer, ctx.train_set, model, ctx.val_set, ctx.transform,
-                                kind, resume)
+        return train_classifier(ctx, model, loss_fn, optimizer, kind, resume)
     feats, labels, val_feats, val_labels = cached if cached is not None else features_of(ctx, pool)
 
     def loss_fn(module, batch, generator):
         return F.cross_entropy(module(batch["images"].to(ctx.device)), batch["labels"].to(ctx.device)), {}
 
-    return train_classifier(ctx, head, loss_fn, optimizer, FeatureSet(feats, labels), head,
-                            FeatureSet(val_feats, val_labels), None, kind, resume)
+    return train_classifier(ctx, head, loss_fn, optimizer, kind, resume,
+                            data=(FeatureSet(feats, labels), FeatureSet(val_feats, val_labels), None))

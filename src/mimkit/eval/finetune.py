@@ -17,7 +17,7 @@ from mimkit.data import PretrainAugment
 from mimkit.eval.config import FinetuneConfig
 from mimkit.eval.context import Context, train_classifier, vit_from
 from mimkit.models.vit import VisionTransformer, init_weights
-from mimkit.train.optim import param_groups
+from mimkit.train.optim import build_adamw
 
 
 def soft_targets(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
@@ -111,10 +111,7 @@ def run(ctx: Context, resume: str | None = None) -> dict:
     cfg, t, d = ctx.cfg, ctx.cfg.train, ctx.cfg.data
     torch.manual_seed(t.seed)
     model = classifier(ctx).to(ctx.device)
-    groups = param_groups(model, t.weight_decay, cfg.finetune.layer_decay)
-    for g in groups:
-        g.pop("names")
-    optimizer = torch.optim.AdamW(groups, lr=t.blr, betas=t.betas)
+    optimizer = build_adamw(model, t.blr, t.weight_decay, t.betas, layer_decay=cfg.finetune.layer_decay)
     augment = FinetuneAugment(model.img_size, cfg.finetune, d.scale, d.ratio, d.mean, d.std)
 
     def loss_fn(module, batch, generator):
@@ -123,5 +120,4 @@ def run(ctx: Context, resume: str | None = None) -> dict:
         return torch.sum(-targets * module(images).log_softmax(dim=-1), dim=-1).mean(), {}
 
     kind = "finetune_scratch" if cfg.finetune.scratch else "finetune"
-    return train_classifier(ctx, model, loss_fn, optimizer, ctx.train_set, model, ctx.val_set, ctx.transform,
-                            kind, resume)
+    return train_classifier(ctx, model, loss_fn, optimizer, kind, resume)

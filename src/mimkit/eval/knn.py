@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mimkit.config import Config
-from mimkit.eval.context import Context, accuracy, decoded_size, features_of
+from mimkit.eval.context import Context, accuracy, features_of, labelled_data
 from mimkit.eval.features import extract
 from mimkit.train.loop import StepInfo
 
@@ -52,15 +52,11 @@ class KNNMonitor:
     @classmethod
     def from_config(cls, cfg: Config) -> KNNMonitor:
         """The monitor a pretraining config asks for (`monitor.*`), on its own data source."""
-        from mimkit.data import EvalTransform, dataset_of
         from mimkit.models import model_config_of
 
-        d, m = cfg.data, cfg.monitor
-        size = model_config_of(cfg).img_size
-        bank = dataset_of(d, size, "train", limit=m.bank_size, strict=False)
-        queries = dataset_of(d, size, "test", limit=m.query_size, strict=False)
-        crop = size / decoded_size(queries)
-        transform = EvalTransform(size, crop_pct=crop, mean=d.mean, std=d.std)
+        m = cfg.monitor
+        bank, queries, transform = labelled_data(cfg.data, model_config_of(cfg).img_size, ("train", "test"),
+                                                 (m.bank_size, m.query_size), strict=False)
         return cls(bank, queries, transform, m.every_epochs, m.pool, m.k, m.temperature)
 
     def __call__(self, info: StepInfo) -> dict | None:

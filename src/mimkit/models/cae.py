@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimkit.config import ConfigError, check_choice, check_nonneg, check_open_unit
+from mimkit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, check_choice, check_nonneg, check_open_unit
 from mimkit.masking import MASK_TYPES, gather_tokens, make_mask, num_kept, split_ids
 from mimkit.models.vit import (
     LN_EPS,
@@ -78,9 +78,9 @@ class CAEConfig(EncoderConfig):
     """With target `tokens`: the tokenizer (see `mimkit.tokenizers.TOKENIZERS`)."""
     tokenizer_weights: str = ""
     """With target `tokens`: a local path or URL of the tokenizer weights (DALL-E: encoder.pkl); `random` for tests."""
-    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
     """The normalisation the data pipeline applied, undone before tokenizing: in a run, data.mean (set that)."""
-    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    image_std: tuple[float, float, float] = IMAGENET_STD
     """The normalisation the data pipeline applied, undone before tokenizing: in a run, data.std (set that)."""
 
     def __post_init__(self) -> None:
@@ -268,11 +268,6 @@ class CAE(VisionTransformer):
             num_masked = int(counts[0])
         ids_keep, ids_masked = split_ids(mask, num_masked)
         return ids_keep, ids_masked, torch.argsort(torch.cat([ids_keep, ids_masked], 1), dim=1), mask
-
-    def forward_encoder(self, imgs: Tensor, ids: Tensor) -> Tensor:
-        """The encoder on the patches `ids` only: (B, C, H, W), (B, K) -> (B, 1 + K, D)."""
-        x = gather_tokens(self.embed(imgs), ids)  # (B, N, D) -> (B, K, D)
-        return self.run_blocks(self.with_cls(x))
 
     def to_regressor(self, x: Tensor) -> Tensor:
         """Encoder width -> regressor width (identity when they agree): (B, L, D) -> (B, L, Dd)."""

@@ -112,11 +112,6 @@ class MAE(VisionTransformer):
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(init_weights)
 
-    def forward_encoder(self, imgs: Tensor, ids_keep: Tensor) -> Tensor:
-        """Encode the visible patches only: (B, C, H, W), (B, K) -> (B, 1 + K, D)."""
-        x = gather_tokens(self.embed(imgs), ids_keep)  # (B, N, D) -> (B, K, D)
-        return self.run_blocks(self.with_cls(x))
-
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         """Mask tokens fill the hidden slots, grid order is restored: (B, 1 + K, D) -> (B, N, P)."""
         x = self.decoder_embed(latent)  # (B, 1 + K, Dd)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mimkit.config import ConfigError, check_divides, check_positive
+from mimkit.masking import gather_tokens
 
 LN_EPS = 1e-6  # MAE and timm use 1e-6 (transformers' ViTMAE defaults to 1e-12)
 
@@ -292,6 +293,12 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+    def forward_encoder(self, imgs: Tensor, ids: Tensor) -> Tensor:
+        """The encoder on the patches `ids` only (MAE: the visible ones; CAE also the masked ones, for its
+        alignment target): (B, C, H, W), (B, K) -> (B, 1 + K, D), after the final norm."""
+        x = gather_tokens(self.embed(imgs), ids)  # (B, N, D) -> (B, K, D)
+        return self.run_blocks(self.with_cls(x))
 
     def forward_features(self, imgs: Tensor) -> Tensor:
         """All tokens, no masking: (B, C, H, W) -> (B, 1 + N, D), after the final norm."""
