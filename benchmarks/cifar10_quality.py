@@ -101,8 +101,8 @@ def knn_and_linear(ctx, pool: str, out_dir: Path) -> dict:
 def phase_curve(method: str, args, out: Path) -> dict:
     """kNN and linear probe (cls token) at every checkpoint kept along pretraining, against wall time."""
     from mimkit.eval.context import build_context
+    from mimkit.metrics import read_metrics
     from mimkit.train import checkpoint
-    from mimkit.train.log import read_metrics
 
     run = out / method
     times = {r["step"]: r["time_s"] for r in read_metrics(run / "metrics.jsonl") if "time_s" in r}

@@ -18,13 +18,13 @@ import mimkit
 from mimkit.config import ConfigError, load_config
 from mimkit.convert import WeightsError, cae_config_from_official, cae_from_official, is_official_cae, read_state
 from mimkit.export import export
+from mimkit.metrics import read_metrics
 from mimkit.models import build_model
 from mimkit.models.vit import VisionTransformer
 from mimkit.targets import patchify, pixel_target, token_target
 from mimkit.tokenizers import build_tokenizer, read_weights
 from mimkit.tokenizers.dalle import DalleTokenizer
 from mimkit.train import checkpoint
-from mimkit.train.log import read_metrics
 from mimkit.train.loop import pretrain
 from mimkit.viz import reconstruction_grid
 

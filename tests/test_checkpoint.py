@@ -20,9 +20,9 @@ from PIL import Image
 
 from mimkit.cli import main
 from mimkit.config import load_config
+from mimkit.metrics import read_metrics
 from mimkit.train import checkpoint
 from mimkit.train.checkpoint import TrainingError
-from mimkit.train.log import read_metrics
 from mimkit.train.loop import pretrain
 
 # 64 CIFAR images, batch 32: 2 steps per epoch, 4 in all.

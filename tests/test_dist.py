@@ -191,7 +191,7 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 def losses(run: Path) -> list[float]:
-    from mimkit.train.log import read_metrics
+    from mimkit.metrics import read_metrics
 
     return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
 
@@ -291,7 +291,7 @@ def test_the_knn_monitor_shares_its_work_and_logs_what_one_process_computes(stra
     from mimkit.cli import main
     from mimkit.config import load_config
     from mimkit.eval.knn import KNNMonitor
-    from mimkit.train.log import read_metrics
+    from mimkit.metrics import read_metrics
     from mimkit.train.loop import StepInfo
 
     run = equal_runs / f"full_{strategy}"
@@ -335,8 +335,8 @@ def test_eval_under_torchrun_scores_what_one_process_scores(equal_runs, cache, t
 
 
 def _same_run(a: Path, b: Path, last: str) -> None:
+    from mimkit.metrics import read_metrics
     from mimkit.train import checkpoint
-    from mimkit.train.log import read_metrics
 
     x, y = checkpoint.load(a / "checkpoints" / last), checkpoint.load(b / "checkpoints" / last)
     assert x["model"].keys() == y["model"].keys()

@@ -14,8 +14,8 @@ from mimkit.eval.context import accuracy, vit_from
 from mimkit.eval.finetune import mix, soft_targets
 from mimkit.eval.knn import knn_scores
 from mimkit.eval.linear import LARS, linear_head
+from mimkit.metrics import read_metrics
 from mimkit.models import build_model
-from mimkit.train.log import read_metrics
 from mimkit.train.loop import pretrain
 
 

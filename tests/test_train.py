@@ -13,9 +13,9 @@ from PIL import Image
 
 from mimkit.config import load_config
 from mimkit.data import BadImageError, ResumableSampler, build_dataset
+from mimkit.metrics import read_metrics
 from mimkit.models.mae import MAE
 from mimkit.train import checkpoint
-from mimkit.train.log import read_metrics
 from mimkit.train.loop import NonFiniteLossError, pretrain
 
 # 256 CIFAR images, a 2-block encoder and 1-block decoder: 8 steps per epoch of batch 32.

@@ -92,7 +92,7 @@ def plot_run(run_dir: str | Path) -> Path:
     matplotlib.use("Agg")  # files only; chosen here, not at import
     import matplotlib.pyplot as plt
 
-    from mimkit.train.log import read_metrics
+    from mimkit.metrics import read_metrics
 
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"

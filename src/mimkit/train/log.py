@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from mimkit.metrics import read_metrics
+
 log = logging.getLogger("mimkit")
 
 
@@ -47,22 +49,6 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a metrics.jsonl file. A line that is not a JSON object (a crash mid-write leaves
-    half a line) is skipped with a warning naming it."""
-    records = []
-    for n, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            record = "bad"
-        if isinstance(record, dict):
-            records.append(record)
-        elif record is not None:
-            log.warning("%s:%d: skipping a damaged line (%.60s)", path, n, line)
-    return records
 
 
 def progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
