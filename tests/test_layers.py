@@ -115,3 +115,18 @@ def test_import_mimkit_and_help_load_neither_torch_nor_kornia():
               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'kornia', 'numpy')))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_files_and_functions_read_in_one_sitting():
+    """No file over 500 lines, no function over 80 (the training loop, `fit`, over 90): docs/design.md."""
+    long = []
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        if len(text.splitlines()) > 500:
+            long.append(f"{path.name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > (90 if node.name == "fit" else 80):
+                    long.append(f"{path.name}: {node.name} {lines} lines")
+    assert long == []
