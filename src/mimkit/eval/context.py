@@ -66,11 +66,12 @@ def decoded_size(dataset) -> int:
     return next(s.image.shape[-1] for s in (dataset[i] for i in range(len(dataset))) if s.image is not None)
 
 
-def build_context(cfg: EvalConfig, model: nn.Module | None = None) -> Context:
-    """Encoder (from `cfg.checkpoint`, or the given `model`) and labelled data for a protocol."""
+def build_context(cfg: EvalConfig, model: nn.Module | None = None, device: torch.device | None = None) -> Context:
+    """Encoder (from `cfg.checkpoint`, or the given `model`) and labelled data for a protocol, on
+    `device` (default: `train.device`'s)."""
     if model is None and not cfg.checkpoint:
         raise FileNotFoundError("no checkpoint given: mimkit eval PROTOCOL CHECKPOINT --data ...")
-    device = pick_device(cfg.train.device)
+    device = device or pick_device(cfg.train.device)
     model = model if model is not None else load(cfg.checkpoint)
     encoder = vit_from(model, cfg.img_size or None).to(device).eval()
     d = cfg.data

@@ -27,10 +27,11 @@ def evaluate(cfg: EvalConfig, resume: str | None = None, model: nn.Module | None
     `mimkit.train.checkpoint.claim`): `overwrite` deletes another run's files there first."""
     check_run(cfg)
     run = PROTOCOLS[cfg.protocol]
-    with process_group(pick_device(cfg.train.device)):  # under torchrun: every process evaluates its share
+    device = pick_device(cfg.train.device)  # picked once, here
+    with process_group(device):  # under torchrun: every process evaluates its share
         if overwrite and resume is None and is_main():
             claim(cfg.out_dir, None, overwrite=True)
-        ctx = build_context(cfg, model)
+        ctx = build_context(cfg, model, device)
         result = run(ctx, resume=resume)
     result = {"protocol": cfg.protocol, "checkpoint": cfg.checkpoint, **result, "config": to_dict(cfg)}
     if is_main():

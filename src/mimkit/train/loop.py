@@ -9,7 +9,9 @@ Under torchrun (WORLD_SIZE > 1) the same loop runs in every process on its share
 DDP or FSDP2 (`train.strategy`, see `train/dist.py`); processes exchange gradients in backward (only
 on the last accumulation micro-step), and loss statistics, the non-finite check and the time budget
 at log steps. Rank 0 writes logs, metrics, pictures and checkpoints (FSDP: every process writes its
-shards).
+shards). Every process calls `fit` with an identically initialised model and its optimizer; hooks and
+`on_checkpoint` run in every process (write files only where `is_main()`), with the unwrapped model
+(FSDP: sharded in place; its forward and `forward_features` gather the weights).
 """
 
 from __future__ import annotations
@@ -224,6 +226,10 @@ class Plan(NamedTuple):
     base_lr: float
     warmup_steps: int
 
+    def announce(self, kind: str, images: int, device: torch.device) -> None:
+        log.info("%s: %d images, %d steps/epoch, %d steps, effective batch %d, lr %.3g, device %s", kind, images,
+                 self.steps_per_epoch, self.last_step, self.effective_batch, self.base_lr, device)
+
     @classmethod
     def of(cls, per_epoch: int, images: int, t: TrainConfig, world: int) -> Plan:
         steps_per_epoch = per_epoch // t.accum_steps
@@ -242,17 +248,11 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
         out_dir: str | Path, config: dict, kind: str, strict: bool = False, num_workers: int = 0,
         resume: str | None = None, overwrite: bool = False, hooks: list[Hook] = (),
         on_checkpoint: Callable[[int], None] | None = None) -> dict:
-    """The one training loop: schedule, AMP, accumulation, clipping, logging, hooks, atomic checkpoints
-    and exact resume, for any task whose loss `loss_fn` computes.
-
-    `resume` is None (a fresh run: out_dir must hold no other run, unless `overwrite`), "auto" (the latest
-    valid checkpoint in out_dir/checkpoints, if any) or a path; see `checkpoint.claim`. `config` and `kind`
-    are stored in checkpoints so that `mimkit.load` can rebuild the model. Returns a summary: final step,
-    last logged loss, checkpoint path, skipped files, out_dir.
-
-    Under torchrun, every process calls `fit` with an identically initialised model and its optimizer;
-    hooks and `on_checkpoint` run in every process (write files only where `is_main()`), with the
-    unwrapped model (FSDP: sharded in place; its forward and `forward_features` gather the weights)."""
+    """The one training loop (schedule, AMP, accumulation, clipping, logging, hooks, atomic checkpoints,
+    exact resume) for any task whose loss `loss_fn` computes. `resume`: None (a fresh run; out_dir holds
+    no other run unless `overwrite`), "auto" or a path (`checkpoint.claim`). `config` and `kind` go into
+    checkpoints, so that `mimkit.load` rebuilds the model. Returns the final step, last logged loss,
+    checkpoint path, skipped files and out_dir. Under torchrun: see the module docstring."""
     device, world = next(model.parameters()).device, dist.world_size()
     _require_group(world)
     loader = make_loader(dataset, t.batch_size, seed=t.seed, shuffle=True, drop_last=True, num_workers=num_workers,
@@ -266,8 +266,7 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
                          accum_steps=t.accum_steps)
     run.resume(resume, overwrite)
     metrics = MetricsLog(run.out_dir, enabled=main, resume_step=run.step)
-    log.info("%s: %d images, %d steps/epoch, %d steps, effective batch %d, lr %.3g, device %s", kind,
-             len(dataset), plan.steps_per_epoch, last_step, plan.effective_batch, plan.base_lr, device)
+    plan.announce(kind, len(dataset), device)
 
     bar = progress(last_step, run.step, main, desc=kind)
     window, last_loss, ckpt_path, started = LossWindow(device), float("nan"), None, time.perf_counter()
@@ -296,9 +295,7 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
             window.steps += 1
             bar.update(1)
             end_of_epoch = plan.per_epoch - run.position < t.accum_steps
-            if _over_time(t, started, run.step):
-                log.info("train.max_minutes=%g reached at step %d", t.max_minutes, run.step)
-                last_step = run.step
+            last_step = run.step if _over_time(t, started, run.step) else last_step
             due_ckpt = end_of_epoch or run.step == last_step or (t.ckpt_every and run.step % t.ckpt_every == 0)
             record = {}
             if run.step % t.log_every == 0 or due_ckpt:  # log
@@ -318,7 +315,7 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
                     on_checkpoint(run.step)
             if end_of_epoch and main:
                 bar.write(f"epoch {run.epoch + 1}/{t.epochs}  step {run.step}  loss {last_loss:.4f}  lr {lr:.3g}")
-    except RuntimeError as e:
+    except RuntimeError as e:  # torch reports a dead loader worker wherever the process is
         if (died := _worker_died(e)) is None:
             raise
         raise died from None
@@ -368,6 +365,8 @@ def _over_time(t: TrainConfig, started: float, step: int) -> bool:
     over = bool(t.max_minutes) and time.perf_counter() - started >= 60 * t.max_minutes
     if dist.world_size() > 1 and t.max_minutes:
         over = step % t.log_every == 0 and dist.any_rank(over)
+    if over:
+        log.info("train.max_minutes=%g reached at step %d", t.max_minutes, step)
     return over
 
 
