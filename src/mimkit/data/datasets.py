@@ -7,6 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 from mimkit.data.cifar import CIFAR10, load_cifar10
+from mimkit.data.crops import RandomResizedCrop
 from mimkit.data.decode import DataError
 from mimkit.data.folder import ImageFolder
 from mimkit.data.shards import MAX_MEMBER_BYTES, ShardDataset
@@ -16,19 +17,21 @@ if TYPE_CHECKING:
 
 
 def dataset_of(d: DataConfig, img_size: int, split: str | None = None, limit: int | None = None,
-               strict: bool | None = None):
+               strict: bool | None = None, train_crops: bool = False):
     """`build_dataset` for the data section `d`, for a model of `img_size`; `split`, `limit` and
-    `strict` replace d's."""
+    `strict` replace d's. With `train_crops`, files (folders, shards) are cropped in the loader workers
+    as the papers do (`crops.RandomResizedCrop` with d.scale and d.ratio); CIFAR stays whole."""
+    crop = RandomResizedCrop(img_size, d.scale, d.ratio) if train_crops and d.dataset != "cifar10" else None
     return build_dataset(d.dataset, d.root, split or d.split, img_size, load_size=d.load_size,
                          strict=d.strict if strict is None else strict, cache_dir=d.cache_dir,
                          limit=d.limit if limit is None else limit, shuffle_buffer=d.shuffle_buffer,
-                         max_member_bytes=d.max_member_bytes)
+                         max_member_bytes=d.max_member_bytes, crop=crop)
 
 
 def build_dataset(
     dataset: str, root: str, split: str, img_size: int, *, load_size: int = 0, strict: bool = False,
     cache_dir: str | None = "~/.cache/mimkit", limit: int = 0, shuffle_buffer: int = 1000,
-    max_member_bytes: int = MAX_MEMBER_BYTES,
+    max_member_bytes: int = MAX_MEMBER_BYTES, crop: RandomResizedCrop | None = None,
 ) -> ImageFolder | CIFAR10 | ShardDataset:
     """The dataset a DataConfig describes.
 
@@ -37,6 +40,7 @@ def build_dataset(
     load_size (0: round(img_size * 256 / 224), MAE's resize-then-crop ratio).
     "shards": a ShardDataset stream (mimkit.data.shards) over root/split if that folder exists, else
     root (a shard folder or a brace/glob pattern), decoding like "folder".
+    With a `crop`, folders and shards also give each sample's training crop (see ImageFolder).
     """
     if dataset == "cifar10":
         return load_cifar10(root, split, cache_dir=cache_dir, strict=strict, limit=limit)
@@ -45,6 +49,6 @@ def build_dataset(
         load_size = load_size or round(img_size * 256 / 224)
         root = sub if os.path.isdir(sub) else root
         if dataset == "folder":
-            return ImageFolder(root, load_size, limit)
-        return ShardDataset(root, load_size, shuffle_buffer, limit, max_member_bytes)
+            return ImageFolder(root, load_size, limit, crop=crop)
+        return ShardDataset(root, load_size, shuffle_buffer, limit, max_member_bytes, crop=crop)
     raise DataError(f"unknown dataset {dataset!r}; expected 'cifar10', 'folder' or 'shards'")

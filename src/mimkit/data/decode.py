@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -57,6 +58,24 @@ def decode_image(src: str | os.PathLike | bytes, size: int = 0) -> torch.Tensor:
     With size > 0, resize the shorter side to `size` (bicubic, antialiased) and center-crop a
     size x size square. Raises BadImageError for anything unreadable.
     """
+
+    def central_square(im: Image.Image) -> Image.Image:
+        rgb = to_rgb(im)
+        if not size or rgb.size == (size, size):
+            return rgb
+        # Resizing the central square straight to size x size is Resize(size) + CenterCrop(size)
+        # without resampling the pixels the crop throws away.
+        w, h = rgb.size
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2
+        return rgb.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+
+    return read_image(src, central_square)
+
+
+def read_image(src: str | os.PathLike | bytes, make: Callable[[Image.Image], Image.Image]) -> torch.Tensor:
+    """`make(image)` as uint8 (3, H, W), for the image file `src` opened (pixels not yet decoded, at most
+    MAX_IMAGE_PIXELS); `make` returns an RGB image. Anything unreadable raises BadImageError."""
     src = src if isinstance(src, bytes) else os.fspath(src)
     name = src if isinstance(src, str) else "<bytes>"
     try:
@@ -66,15 +85,7 @@ def decode_image(src: str | os.PathLike | bytes, size: int = 0) -> torch.Tensor:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise BadImageError(name, f"{im.width} x {im.height} pixels, more than MAX_IMAGE_PIXELS "
                                           f"({MAX_IMAGE_PIXELS})")
-            rgb = _to_rgb(im)  # convert() loads the pixels, so truncated data raises here
-        if size and rgb.size != (size, size):
-            # Resizing the central square straight to size x size is Resize(size) + CenterCrop(size)
-            # without resampling the pixels the crop throws away.
-            w, h = rgb.size
-            side = min(w, h)
-            left, top = (w - side) / 2, (h - side) / 2
-            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
-        array = np.array(rgb, dtype=np.uint8)  # (H, W, 3)
+            array = np.array(make(im), dtype=np.uint8)  # (H, W, 3); decoding truncated data raises here
     except BadImageError:
         raise
     except UnidentifiedImageError:
@@ -84,7 +95,8 @@ def decode_image(src: str | os.PathLike | bytes, size: int = 0) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
+    """`im` in RGB, its pixels decoded (16-bit and float images mapped to 8 bits, alpha dropped)."""
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         # PIL's convert("RGB") clips these to 255 (a white image); map the 16-bit range to 8 bits.
         a = np.asarray(im, dtype=np.float32)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mimkit.data.crops import RandomResizedCrop
 from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample, decode_image
 
 log = logging.getLogger(__name__)
@@ -72,15 +73,18 @@ class ImageFolder(Dataset):
     directly in root are ignored (as in torchvision). Files and folders starting with "." are
     skipped (macOS `._x.jpg` companions are not images), and so are entries that are not regular
     files; link loops end (see `walk_files`). With `confine`, nothing outside root is listed, links
-    out of it included. Decoding happens in `__getitem__`, so in loader workers: shorter side resized
-    to `load_size`, center-cropped square.
+    out of it included. Decoding happens in `__getitem__`, so in loader workers: `dataset[i]` resizes
+    the shorter side to `load_size` and center-crops a square (evaluation, pictures); with a `crop`,
+    `dataset[i, key]` is the training crop of sample i in the epoch `key` (`crops.RandomResizedCrop`),
+    what the loader asks for when the dataset has one (`loader.make_loader`).
     """
 
-    def __init__(self, root: str, load_size: int, limit: int = 0, confine: bool = False):
+    def __init__(self, root: str, load_size: int, limit: int = 0, confine: bool = False,
+                 crop: RandomResizedCrop | None = None):
         root = os.path.expanduser(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root}")
-        self.root, self.load_size = root, load_size
+        self.root, self.load_size, self.crop = root, load_size, crop
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
                               and (not confine or _inside(os.path.realpath(e.path), os.path.realpath(root))))
         if self.classes:
@@ -102,10 +106,13 @@ class ImageFolder(Dataset):
     def path(self, i: int) -> str:
         return os.path.join(self.root, os.fsdecode(self._paths[i]))
 
-    def __getitem__(self, i: int) -> Sample:
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+        i, epoch_key = key if isinstance(key, tuple) else (key, None)
         path, label = self.path(i), int(self.labels[i])
         try:
-            return Sample(decode_image(path, self.load_size), label, path)
+            if epoch_key is None:
+                return Sample(decode_image(path, self.load_size), label, path)
+            return Sample(self.crop(path, epoch_key, i), label, path)
         except BadImageError as e:
             return Sample(None, label, path, e.reason)
 

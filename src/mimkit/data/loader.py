@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from mimkit.data.crops import epoch_key
 from mimkit.data.decode import BadImageError, Sample
 
 
@@ -43,17 +44,18 @@ class ResumableSampler(Sampler[int]):
     wrapping around (or, with drop_last, cut) to a multiple of world_size, and rank r takes
     positions r, r + world_size, ...: the shares are disjoint and equally long.
     `set_epoch(e, start)` selects the epoch and skips the first `start` indices of this rank's
-    share, e.g. start = steps_done_this_epoch * batch_size when resuming.
+    share, e.g. start = steps_done_this_epoch * batch_size when resuming. With `keyed`, it yields
+    (index, `crops.epoch_key(seed, epoch)`) pairs, the keys of a dataset that crops per sample.
     """
 
     def __init__(
         self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
-        drop_last: bool = False,
+        drop_last: bool = False, keyed: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.keyed = rank, world_size, keyed
         self.share = num_samples // world_size if drop_last else -(-num_samples // world_size)  # per rank
         if self.share == 0:
             raise ValueError(f"{num_samples} samples cannot be shared by {world_size} ranks")
@@ -78,8 +80,12 @@ class ResumableSampler(Sampler[int]):
         order = order.repeat(-(-total // self.num_samples))[:total]  # wrap around to pad
         return order[self.rank :: self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start :].tolist())
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        indices = self.order()[self.start :].tolist()
+        if not self.keyed:
+            return iter(indices)
+        key = epoch_key(self.seed, self.epoch)
+        return ((i, key) for i in indices)
 
     def __len__(self) -> int:
         return self.share - self.start
@@ -100,7 +106,8 @@ def make_loader(
         view = dataset.split(rank, world_size, batch_size if drop_last else 0, seed, shuffle)
         return DataLoader(view, batch_size=batch_size, drop_last=drop_last, collate_fn=collate,
                           num_workers=num_workers, pin_memory=pin_memory)
-    sampler = ResumableSampler(len(dataset), seed, shuffle, rank, world_size, drop_last)
+    keyed = getattr(dataset, "crop", None) is not None  # a dataset that crops per sample (ImageFolder)
+    sampler = ResumableSampler(len(dataset), seed, shuffle, rank, world_size, drop_last, keyed)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate,
         num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory,

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mimkit.data.crops import RandomResizedCrop, epoch_key
 from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample, decode_image
 from mimkit.data.folder import ImageFolder
 
@@ -252,9 +253,11 @@ def _samples_of(path: str, skip: int, count: int, max_bytes: int = MAX_MEMBER_BY
 _LABEL = re.compile(rb"\s*(\d{1,10})\s*")
 
 
-def _decode(path: str, stem: str, fields: dict[str, bytes], load_size: int, num_classes: int = 0) -> Sample:
-    """A sample's image decoded, or why not; its label from the `cls` field (-1 when there is none),
-    which must lie in 0 .. num_classes - 1 (any 32-bit label when the index lists no classes)."""
+def _decode(path: str, stem: str, fields: dict[str, bytes], load_size: int, num_classes: int = 0,
+            crop: tuple[RandomResizedCrop, int, int] | None = None) -> Sample:
+    """A sample's image decoded (resized to `load_size` and center-cropped, or with `crop` = (crop,
+    epoch key, position) its training crop), or why not; its label from the `cls` field (-1 when there
+    is none), which must lie in 0 .. num_classes - 1 (any 32-bit label when the index lists no classes)."""
     image_ext = next((e for e in fields if "." + e in IMG_EXTENSIONS), None)
     where = f"{path}:{stem}.{image_ext or '?'}"
     label, bad = -1, fields.get(BAD, b"").decode()
@@ -270,13 +273,17 @@ def _decode(path: str, stem: str, fields: dict[str, bytes], load_size: int, num_
         reason = "no image in this sample" if fields else "missing from the shard (truncated or corrupt tar?)"
         return Sample(None, label, where, reason)
     try:
-        return Sample(decode_image(fields[image_ext], load_size), label, where)
+        data = fields[image_ext]
+        image = decode_image(data, load_size) if crop is None else crop[0](data, *crop[1:])
+        return Sample(image, label, where)
     except BadImageError as e:
         return Sample(None, label, where, e.reason)
 
 
 class ShardDataset(IterableDataset):
-    """Samples streamed from tar shards (see the module docstring), uint8 (3, S, S) like `ImageFolder`.
+    """Samples streamed from tar shards (see the module docstring), uint8 (3, S, S) like `ImageFolder`:
+    resized to `load_size` and center-cropped, or with a `crop`, each sample's training crop, drawn for
+    its position in the epoch's sequence (`crops.RandomResizedCrop`).
 
     `split(rank, world_size, batch_size, seed, shuffle)` gives the view one rank iterates (what
     `make_loader` does); the dataset itself is rank 0 of 1, unshuffled. In a view with `batch_size` > 0,
@@ -287,8 +294,8 @@ class ShardDataset(IterableDataset):
     """
 
     def __init__(self, root: str, load_size: int, shuffle_buffer: int = 1000, limit: int = 0,
-                 max_member_bytes: int = MAX_MEMBER_BYTES):
-        self.root, self.load_size, self.shuffle_buffer = root, load_size, shuffle_buffer
+                 max_member_bytes: int = MAX_MEMBER_BYTES, crop: RandomResizedCrop | None = None):
+        self.root, self.load_size, self.shuffle_buffer, self.crop = root, load_size, shuffle_buffer, crop
         self.max_member_bytes = max_member_bytes
         self.shards, self.classes = find_shards(root)
         if limit:  # the first `limit` samples in shard order (shards were shuffled when written)
@@ -378,16 +385,18 @@ class ShardDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         first, end, skip = self._worker_range(worker, workers)
         shards, size = self._epoch_shards(), self.shuffle_buffer
+        key = epoch_key(self.seed, self.epoch)
         block = skip // size  # whole blocks before the resume point are not even read
         for lo in range(first + block * size, end, size):
-            raw = list(self._read(shards, lo, min(lo + size, end)))
+            raw = list(enumerate(self._read(shards, lo, min(lo + size, end)), start=lo))
             if self.shuffle:  # the buffer: a permutation seeded by (seed, epoch, where the block starts)
                 g = torch.Generator().manual_seed(_hash_seed(self.seed, self.epoch, lo))
                 raw = [raw[i] for i in torch.randperm(len(raw), generator=g).tolist()]
             if lo == first + block * size:
                 raw = raw[skip - block * size :]
-            for path, stem, fields in raw:
-                yield _decode(path, stem, fields, self.load_size, len(self.classes))
+            for position, (path, stem, fields) in raw:  # a crop is drawn for the sample's place in the epoch
+                crop = None if self.crop is None else (self.crop, key, position)
+                yield _decode(path, stem, fields, self.load_size, len(self.classes), crop)
 
     def first(self, n: int) -> list[Sample]:
         """The first `n` samples in shard order (e.g. for a fixed set of pictures)."""

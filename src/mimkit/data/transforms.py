@@ -86,17 +86,33 @@ def crop_boxes(
 class PretrainAugment:
     """MAE pretraining augmentation: RandomResizedCrop (bicubic) + horizontal flip + normalise.
 
-    uint8 (B, 3, S, S) -> float32 (B, 3, size, size).
+    uint8 (B, 3, S, S) -> float32 (B, 3, size, size). With `crop=False` the images are crops already
+    (drawn per sample in the loader workers, `data.crops`), and only the flip and normalisation run here.
     """
 
     def __init__(
         self, size: int, scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: bool = True, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+        crop: bool = True,
     ):
         self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std, self.crop = tuple(mean), tuple(std), crop
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        b, _, height, width = images.shape
+        if not self.crop:
+            if (height, width) != (self.size, self.size):
+                raise ValueError(f"PretrainAugment(crop=False) expects {self.size} x {self.size} crops, got "
+                                 f"{height} x {width}")
+            x = images.float()
+        else:
+            x = self._crop(images, generator)
+        if self.hflip:
+            flip = torch.rand(b, generator=generator, device=generator.device) < 0.5
+            x = torch.where(flip.to(x.device).view(b, 1, 1, 1), x.flip(-1), x)
+        return normalize(x, self.mean, self.std)
+
+    def _crop(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b, _, height, width = images.shape
         # Random numbers are drawn on the generator's device (often the CPU) and then moved, so
         # the stream does not depend on where the images are.
@@ -106,11 +122,7 @@ class PretrainAugment:
             images.float(), boxes, (self.size, self.size), mode="bicubic", padding_mode="border",
             align_corners=False,
         )
-        x = x.clamp_(0, 255)  # bicubic overshoots; PIL/torchvision would saturate to uint8 here
-        if self.hflip:
-            flip = torch.rand(b, generator=generator, device=generator.device) < 0.5
-            x = torch.where(flip.to(x.device).view(b, 1, 1, 1), x.flip(-1), x)
-        return normalize(x, self.mean, self.std)
+        return x.clamp_(0, 255)  # bicubic overshoots; PIL/torchvision would saturate to uint8 here
 
 
 class EvalTransform:

@@ -157,7 +157,10 @@ class LossWindow:
 def _batches(loader, live: list) -> Iterator[dict]:
     """The loader's batches of one epoch; its iterator is kept in `live` (to stop its workers)."""
     live[:] = [iter(loader)]
-    yield from live[0]
+    try:
+        yield from live[0]
+    except ConnectionError as e:  # a batch in transit from a worker that died: its shared memory is gone
+        raise _worker_died(RuntimeError(f"DataLoader worker: {type(e).__name__}: {e}")) from None
 
 
 def _worker_died(e: RuntimeError) -> TrainingError | None:
@@ -316,7 +319,7 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
             if end_of_epoch and main:
                 bar.write(f"epoch {run.epoch + 1}/{t.epochs}  step {run.step}  loss {last_loss:.4f}  lr {lr:.3g}")
     except RuntimeError as e:  # torch reports a dead loader worker wherever the process is
-        if (died := _worker_died(e)) is None:
+        if isinstance(e, TrainingError) or (died := _worker_died(e)) is None:
             raise
         raise died from None
     finally:  # an error ends the progress line before it is reported
@@ -388,9 +391,9 @@ def _pretrain(cfg: Config, model_cfg, device: torch.device, resume: str | None, 
     t, d = cfg.train, cfg.data
     torch.manual_seed(t.seed)  # weight initialisation: the same in every process
     model = METHODS[cfg.method][1](model_cfg).to(device)
-    dataset = dataset_of(d, model_cfg.img_size)
+    dataset = dataset_of(d, model_cfg.img_size, train_crops=True)  # files: cropped in the workers
     augment = PretrainAugment(model_cfg.img_size, scale=d.scale, ratio=d.ratio, hflip=d.hflip, mean=d.mean,
-                              std=d.std)
+                              std=d.std, crop=getattr(dataset, "crop", None) is None)
     # The fused kernel: one pass over all parameters; measured 3x faster than the default loop on the CPU.
     optimizer = build_adamw(model, t.blr, t.weight_decay, t.betas, fused=device.type in ("cuda", "cpu"))
 

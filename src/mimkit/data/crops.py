@@ -1,0 +1,99 @@
+"""RandomResizedCrop as the MAE and CAE papers draw it, in the loader workers, one image at a time.
+
+The official pipelines run torchvision's `RandomResizedCrop(size, scale, ratio, bicubic)` on the
+decoded file: a box covering a fraction of the area uniform in `scale`, with a log-uniform aspect
+ratio in `ratio` (10 tries, then a central crop with the ratio clamped into range), placed uniformly
+anywhere in the image, resampled to size x size. `RandomResizedCrop` here draws the same boxes on the
+original image and decodes only what the box needs:
+
+- JPEG files are decoded at the smallest DCT scale (1/2, 1/4, 1/8, libjpeg's scaled IDCT, through
+  PIL's `draft`) at which the box still has at least `size` pixels on both sides, so a 20% crop of a
+  12-MP photo never decodes 12 million pixels;
+- the box is then resampled once, straight to size x size (bicubic, antialiased: PIL's resize with a
+  box), and what leaves the worker is the final uint8 crop.
+
+Every sample's box comes from its own generator, seeded by (run seed, epoch, sample index), so crops
+do not depend on the number of loader workers or processes and a resumed run draws them again exactly.
+Flip and normalisation stay batched on the device (`transforms.PretrainAugment(crop=False)`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+
+import torch
+from PIL import Image
+
+from mimkit.data.decode import read_image, to_rgb
+
+DCT_SCALES = (8, 4, 2, 1)  # what libjpeg can decode at: 1/8, 1/4, 1/2 and full size
+
+
+def epoch_key(seed: int, epoch: int) -> int:
+    """The 64-bit key of an epoch's crops; sample i of the epoch draws from Random((key << 64) + i)."""
+    digest = hashlib.sha256(f"crop,{seed},{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def draw_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+             rng: random.Random, tries: int = 10) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of one crop of a height x width image: torchvision's
+    `RandomResizedCrop.get_params`, step for step, with `rng` as the source of randomness."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(tries):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    # The fallback: the whole image, cut to the nearest allowed aspect ratio, centred.
+    if width / height < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def dct_scale(h: int, w: int, size: int) -> int:
+    """The largest JPEG DCT reduction (8, 4, 2 or 1) that leaves a box of h x w pixels at least `size`
+    pixels on both sides."""
+    return next(s for s in DCT_SCALES if h >= s * size and w >= s * size or s == 1)
+
+
+class RandomResizedCrop:
+    """Per-sample RandomResizedCrop (see the module docstring): `crop(src, key, index)` decodes the image
+    file `src` (path or bytes) to uint8 (3, size, size), the box drawn from Random((key << 64) + index)."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+    def box(self, height: int, width: int, key: int, index: int) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of sample `index`'s crop of a height x width image, for the epoch `key`."""
+        return draw_box(height, width, self.scale, self.ratio, random.Random((key << 64) + index))
+
+    def __call__(self, src: str | os.PathLike | bytes, key: int, index: int) -> torch.Tensor:
+        def crop(im: Image.Image) -> Image.Image:
+            top, left, h, w = self.box(im.height, im.width, key, index)
+            reduce, width = 1, im.width
+            if im.format == "JPEG" and (s := dct_scale(h, w, self.size)) > 1:
+                # draft picks the largest scale at which the image is at least this large: s. Decoded pixel
+                # k then covers source pixels k*s .. (k+1)*s - 1; it returns the source box in those units.
+                drafted = im.draft(None, (im.width // s, im.height // s))
+                if drafted is not None:
+                    reduce = round(width / drafted[1][2])
+            rgb = to_rgb(im)
+            box = (left / reduce, top / reduce, (left + w) / reduce, (top + h) / reduce)
+            return rgb.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+
+        return read_image(src, crop)
