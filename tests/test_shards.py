@@ -257,3 +257,27 @@ def test_data_shard_never_leaves_the_folder_nor_opens_what_is_not_a_file(tmp_pat
     members = [m.name for m in tarfile.open(tmp_path / "out" / "shard-000000.tar")]
     assert sorted(members) == ["000000.cls", "000000.png", "000001.cls", "000001.png"]
     assert "outside" in caplog.text and "fifo.png" in caplog.text and "zero.png" in caplog.text
+
+
+def test_max_side_resizes_large_images_to_jpeg_and_records_it(tmp_path, capsys):
+    root = tmp_path / "big"
+    (root / "a").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (300, 400, 3), generator=g, dtype=torch.uint8).numpy()
+    Image.fromarray(pixels).save(root / "a" / "wide.png")  # 400 x 300: resized to 100 x 75, as JPEG
+    Image.fromarray(pixels[:60, :80]).save(root / "a" / "small.jpg", quality=75)  # 80 x 60: kept as it is
+    (root / "a" / "broken.jpg").write_bytes(b"not an image")  # kept as it is, skipped when read
+    out = tmp_path / "shards"
+    assert main(["data", "shard", str(root), str(out), "--max-side", "100", "--quality", "85"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert (index["max_side"], index["jpeg_quality"], index["resized"]) == (100, 85, 1)
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if not m.name.endswith(".cls")}
+    sizes = sorted(Image.open(io.BytesIO(b)).size for b in members.values() if b != b"not an image")
+    assert sizes == [(80, 60), (100, 75)] and (root / "a" / "small.jpg").read_bytes() in members.values()
+    assert sum(name.endswith(".jpg") for name in members) == 3  # the PNG became a JPEG
+    samples = list(ShardDataset(str(out), load_size=16))
+    assert sum(s.image is None for s in samples) == 1
+    assert all(s.image.shape == (3, 16, 16) for s in samples if s.image is not None)
+    assert main(["data", "shard", str(root), str(tmp_path / "x"), "--quality", "0"]) == 2
+    assert capsys.readouterr().err == "mimkit: error: JPEG quality must be in 1 .. 95, got 0\n"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -74,8 +75,18 @@ def decode_image(src: str | os.PathLike | bytes, size: int = 0) -> torch.Tensor:
 
 
 def read_image(src: str | os.PathLike | bytes, make: Callable[[Image.Image], Image.Image]) -> torch.Tensor:
-    """`make(image)` as uint8 (3, H, W), for the image file `src` opened (pixels not yet decoded, at most
-    MAX_IMAGE_PIXELS); `make` returns an RGB image. Anything unreadable raises BadImageError."""
+    """`make(image)` as uint8 (3, H, W), for the image file `src` opened (see `open_image`); `make`
+    returns an RGB image."""
+    with open_image(src) as im:
+        array = np.array(make(im), dtype=np.uint8)  # (H, W, 3); decoding truncated data raises here
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@contextmanager
+def open_image(src: str | os.PathLike | bytes) -> Iterator[Image.Image]:
+    """The image file `src` (path or bytes) opened, its pixels not yet decoded (so that a crop can ask
+    for less, `Image.draft`), at most MAX_IMAGE_PIXELS. Anything unreadable, also while the body of
+    the `with` decodes it, raises BadImageError."""
     src = src if isinstance(src, bytes) else os.fspath(src)
     name = src if isinstance(src, str) else "<bytes>"
     try:
@@ -85,14 +96,13 @@ def read_image(src: str | os.PathLike | bytes, make: Callable[[Image.Image], Ima
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise BadImageError(name, f"{im.width} x {im.height} pixels, more than MAX_IMAGE_PIXELS "
                                           f"({MAX_IMAGE_PIXELS})")
-            array = np.array(make(im), dtype=np.uint8)  # (H, W, 3); decoding truncated data raises here
+            yield im
     except BadImageError:
         raise
     except UnidentifiedImageError:
         raise BadImageError(name, "not a recognised image format") from None
     except Exception as e:  # PIL's plugins raise many types on corrupt data (OSError, struct.error, ...)
         raise BadImageError(name, f"{type(e).__name__}: {e}") from e
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

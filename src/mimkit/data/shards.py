@@ -9,6 +9,12 @@ writes (the WebDataset convention: members of one sample share a key, the extens
     OUT/index.json         {"format": "webdataset", "classes": [...], "num_samples": N,
                             "shards": [{"name": "shard-000000.tar", "num_samples": n}, ...]}
 
+With `--max-side N`, images whose longer side is larger than N are resized to N and stored as JPEG
+(`--quality`, default 90; the index records "max_side", "jpeg_quality" and how many were "resized"),
+FFCV's `max_resolution`: 512 keeps what RandomResizedCrop needs for 224-px crops, and a 12-MP photo
+becomes a small file that decodes in a fraction of the time (BENCHMARKS.md). Other images are stored
+as they were.
+
 Samples are shuffled once when written, so every shard mixes the classes. The index gives the sample
 counts that fix an epoch's length before anything is read. Shards moved to other disks keep working if
 each folder has a copy of index.json (a shard is looked up by name in its own folder's index).
@@ -36,10 +42,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mimkit.data.crops import RandomResizedCrop, epoch_key
-from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample, decode_image
+from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample, decode_image, open_image, to_rgb
 from mimkit.data.folder import ImageFolder
 
 INDEX = "index.json"
@@ -72,21 +79,47 @@ def _add_file(tar: tarfile.TarFile, name: str, path: str) -> None:
         _add(tar, name, f, st.st_size)
 
 
-def write_shards(folder: str, out: str, shard_size: int = 1000, seed: int = 0) -> dict:
+def _shrunk(path: str, max_side: int, quality: int) -> bytes | None:
+    """The image at `path` resized (bicubic, antialiased) to a longer side of `max_side` and encoded
+    as JPEG at `quality`; None when it is no larger than that, or unreadable (then it is kept as it is)."""
+    try:
+        with open_image(path) as im:
+            if max(im.size) <= max_side:
+                return None
+            scale = max_side / max(im.size)
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            if im.format == "JPEG":
+                im.draft(None, size)  # DCT scaling to no less than `size`
+            small = to_rgb(im).resize(size, Image.Resampling.BICUBIC)
+    except BadImageError:
+        return None
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_shards(folder: str, out: str, shard_size: int = 1000, seed: int = 0, max_side: int = 0,
+                 quality: int = 90) -> dict:
     """Write the images under `folder` (an image folder: class sub-folders, or images directly in it)
     as tar shards of `shard_size` samples in `out`, in an order shuffled by `seed`, plus index.json.
 
     Files are stored as they are, unreadable ones included (readers count and skip them like folder
-    datasets do). Only regular files inside `folder` are read: links out of it, FIFOs and devices are
-    skipped and counted (see `walk_files`). Each shard and the index are written to a temporary name
-    and renamed. Returns the index."""
+    datasets do); with `max_side`, an image whose longer side is larger is resized to it and stored
+    as a JPEG of `quality` (the index records both), so that reading it back is cheap. Only regular
+    files inside `folder` are read: links out of it, FIFOs and devices are skipped and counted (see
+    `walk_files`). Each shard and the index are written to a temporary name and renamed. Returns the
+    index."""
     if shard_size < 1:
         raise DataError(f"shard size must be >= 1, got {shard_size}")
+    if max_side < 0:
+        raise DataError(f"max side must be >= 0 (0: every image as it is), got {max_side}")
+    if not 1 <= quality <= 95:
+        raise DataError(f"JPEG quality must be in 1 .. 95, got {quality}")
     source = ImageFolder(folder, load_size=0, confine=True)  # lists and labels the files; nothing is decoded
     order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
     os.makedirs(out, exist_ok=True)
     digits = max(6, len(str(len(order) - 1)))
-    shards = []
+    shards, resized = [], 0
     for first in range(0, len(order), shard_size):
         name = f"shard-{len(shards):06d}.tar"
         tmp = os.path.join(out, name + ".tmp")
@@ -96,11 +129,18 @@ def write_shards(folder: str, out: str, shard_size: int = 1000, seed: int = 0) -
                 path = source.path(i)
                 ext = os.path.splitext(path)[1].lower()
                 ext = ".jpg" if ext == ".jpeg" else ext
-                _add_file(tar, f"{key:0{digits}d}{ext}", path)
+                small = _shrunk(path, max_side, quality) if max_side else None
+                if small is None:
+                    _add_file(tar, f"{key:0{digits}d}{ext}", path)
+                else:
+                    _add(tar, f"{key:0{digits}d}.jpg", small)
+                    resized += 1
                 _add(tar, f"{key:0{digits}d}.cls", str(int(source.labels[i])).encode())
         os.replace(tmp, os.path.join(out, name))
         shards.append({"name": name, "num_samples": len(chunk)})
     index = {"format": FORMAT, "classes": list(source.classes), "num_samples": len(order), "shards": shards}
+    if max_side:
+        index.update(max_side=max_side, jpeg_quality=quality, resized=resized)
     tmp = os.path.join(out, INDEX + ".tmp")
     Path(tmp).write_text(json.dumps(index, indent=1) + "\n")
     os.replace(tmp, os.path.join(out, INDEX))
