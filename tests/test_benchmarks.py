@@ -56,7 +56,14 @@ def test_memory(tmp_path):
 
 
 def test_data_loading(tmp_path):
-    pipelines = run("data_loading", tmp_path)["pipelines"]
-    assert set(pipelines) == {"cifar", "folder", "shards"}
-    for p in pipelines.values():
-        assert positive(p["images_per_s"]) and p["ratio"] == pytest.approx(p["images_per_s"] / p["train_images_per_s"])
+    sets = run("data_loading", tmp_path)["sets"]
+    assert set(sets) == {"photos", "noise"}
+    for entry in sets.values():
+        assert entry["fidelity"]["min_db"] >= 35 and entry["fidelity"]["crops"] == 8
+        runs = entry["runs"]["1"]
+        assert set(runs) == {"reference", "before", "workers"}
+        for r in runs.values():
+            assert positive(r["images_per_s"]) and positive(r["images_per_cpu_s"])
+            assert r["per_cpu_vs_before"] == pytest.approx(r["images_per_cpu_s"] / runs["before"]["images_per_cpu_s"])
+            assert r["per_cpu_vs_reference"] == pytest.approx(
+                r["images_per_cpu_s"] / runs["reference"]["images_per_cpu_s"])

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, JpegImagePlugin
+from test_data import _torchvision_rrc
 
 from mimkit.config import load_config
 from mimkit.data import ImageFolder, ShardDataset, make_loader, set_epoch, write_shards
 from mimkit.data.crops import RandomResizedCrop, dct_scale, draw_box, epoch_key
 from mimkit.train import checkpoint
 from mimkit.train.loop import pretrain
-from test_data import _torchvision_rrc
 
 MAE_SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 
@@ -51,8 +51,8 @@ def test_boxes_follow_torchvision_random_resized_crop(height, width, scale):
         top, left, h, w = boxes.T
         assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
     # Crops come within 2% of each side (a crop of the central 256 x 256 square never comes within 12%).
-    for side in (lambda t, l, h, w: l <= 0.02 * width, lambda t, l, h, w: l + w >= 0.98 * width,
-                 lambda t, l, h, w: t <= 0.02 * height, lambda t, l, h, w: t + h >= 0.98 * height):
+    for side in (lambda t, x, h, w: x <= 0.02 * width, lambda t, x, h, w: x + w >= 0.98 * width,
+                 lambda t, x, h, w: t <= 0.02 * height, lambda t, x, h, w: t + h >= 0.98 * height):
         mine, theirs = side(*ours.T).mean(), side(*ref.T).mean()
         assert mine > 0.02 and abs(mine - theirs) < 4 * math.sqrt(theirs * (1 - theirs) / n)
 

@@ -253,8 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("shard", help="write an image folder as WebDataset tar shards plus index.json",
                             description="Write the images of FOLDER (class sub-folders, or images directly in it) as "
                             "OUT/shard-000000.tar, ... (members NNNNNN.jpg/.png + NNNNNN.cls, the file bytes "
-                            "unchanged, in a shuffled order) and OUT/index.json (classes and sample counts). With --max-side N, "
-                            "images larger than N on their longer side are resized to N and stored as JPEG.")
+                            "unchanged, in a shuffled order) and OUT/index.json (classes and sample counts). "
+                            "With --max-side N, images larger than N on their longer side are resized to N and "
+                            "stored as JPEG.")
     p.add_argument("folder", metavar="FOLDER", help="an image folder, e.g. /datasets/imagenet/train")
     p.add_argument("out", metavar="OUT", help="output folder, e.g. /data/in1k-shards/train")
     p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="images per shard (default 1000)")

@@ -9,8 +9,8 @@ original image and decodes only what the box needs:
 - JPEG files are decoded at the smallest DCT scale (1/2, 1/4, 1/8, libjpeg's scaled IDCT, through
   PIL's `draft`) at which the box still has at least `size` pixels on both sides, so a 20% crop of a
   12-MP photo never decodes 12 million pixels;
-- the box is then resampled once, straight to size x size (bicubic, antialiased: PIL's resize with a
-  box), and what leaves the worker is the final uint8 crop.
+- the box is then resampled once, straight to size x size (bicubic, antialiased, PIL's filter), and
+  what leaves the worker is the final uint8 crop.
 
 Every sample's box comes from its own generator, seeded by (run seed, epoch, sample index), so crops
 do not depend on the number of loader workers or processes and a resumed run draws them again exactly.
@@ -24,10 +24,12 @@ import math
 import os
 import random
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from mimkit.data.decode import read_image, to_rgb
+from mimkit.data.decode import open_image, to_rgb
 
 DCT_SCALES = (8, 4, 2, 1)  # what libjpeg can decode at: 1/8, 1/4, 1/2 and full size
 
@@ -83,17 +85,30 @@ class RandomResizedCrop:
         return draw_box(height, width, self.scale, self.ratio, random.Random((key << 64) + index))
 
     def __call__(self, src: str | os.PathLike | bytes, key: int, index: int) -> torch.Tensor:
-        def crop(im: Image.Image) -> Image.Image:
+        with open_image(src) as im:
             top, left, h, w = self.box(im.height, im.width, key, index)
-            reduce, width = 1, im.width
-            if im.format == "JPEG" and (s := dct_scale(h, w, self.size)) > 1:
-                # draft picks the largest scale at which the image is at least this large: s. Decoded pixel
-                # k then covers source pixels k*s .. (k+1)*s - 1; it returns the source box in those units.
-                drafted = im.draft(None, (im.width // s, im.height // s))
-                if drafted is not None:
-                    reduce = round(width / drafted[1][2])
+            reduce = _draft(im, h, w, self.size)
             rgb = to_rgb(im)
+        if reduce > 1:  # the box falls between decoded pixels: PIL resamples a fractional box exactly
             box = (left / reduce, top / reduce, (left + w) / reduce, (top + h) / reduce)
-            return rgb.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+            small = rgb.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+            return torch.from_numpy(np.array(small, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        # A whole-pixel box: torch's uint8 antialiased bicubic is PIL's filter (a = -0.5), rounded and
+        # saturated like PIL's, and about 5x faster than PIL's resize.
+        pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+        out = F.interpolate(pixels[None, :, top : top + h, left : left + w], size=(self.size, self.size),
+                            mode="bicubic", antialias=True, align_corners=False)
+        return out[0].contiguous()
 
-        return read_image(src, crop)
+
+def _draft(im: Image.Image, h: int, w: int, size: int) -> int:
+    """Ask a JPEG to decode at the largest DCT reduction that keeps an h x w box at least `size` pixels
+    a side (`dct_scale`); returns the reduction it will decode at (1 for other formats)."""
+    s = dct_scale(h, w, size)
+    if im.format != "JPEG" or s == 1:
+        return 1
+    # draft picks the largest scale at which the image is at least this large: s. Decoded pixel k then
+    # covers source pixels k*s .. (k+1)*s - 1; it returns the source's extent in those units.
+    width = im.width
+    drafted = im.draft(None, (im.width // s, im.height // s))
+    return 1 if drafted is None else round(width / drafted[1][2])

@@ -19,9 +19,14 @@ def normalize(
     images: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> torch.Tensor:
     """Pixels in [0, 255] (uint8 or float, (B, 3, H, W)) -> float32 (x / 255 - mean) / std."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255 - mean_t) / std_t
+    return _normalize_(images.float() if images.dtype != torch.float32 else images.clone(), mean, std)
+
+
+def _normalize_(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """`normalize` in place on the float32 `x`: the values of (x / 255 - mean) / std, without temporaries."""
+    mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x.div_(255).sub_(mean_t).div_(std_t)
 
 
 def random_resized_crop_params(
@@ -104,13 +109,13 @@ class PretrainAugment:
             if (height, width) != (self.size, self.size):
                 raise ValueError(f"PretrainAugment(crop=False) expects {self.size} x {self.size} crops, got "
                                  f"{height} x {width}")
-            x = images.float()
+            x = images.float() if images.dtype != torch.float32 else images.clone()
         else:
             x = self._crop(images, generator)
         if self.hflip:
-            flip = torch.rand(b, generator=generator, device=generator.device) < 0.5
-            x = torch.where(flip.to(x.device).view(b, 1, 1, 1), x.flip(-1), x)
-        return normalize(x, self.mean, self.std)
+            flip = (torch.rand(b, generator=generator, device=generator.device) < 0.5).to(x.device)
+            x[flip] = x[flip].flip(-1)  # only the flipped half is copied
+        return _normalize_(x, self.mean, self.std)  # x is this call's own tensor
 
     def _crop(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b, _, height, width = images.shape

@@ -259,7 +259,7 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
     device, world = next(model.parameters()).device, dist.world_size()
     _require_group(world)
     loader = make_loader(dataset, t.batch_size, seed=t.seed, shuffle=True, drop_last=True, num_workers=num_workers,
-                         rank=dist.rank(), world_size=world)
+                         rank=dist.rank(), world_size=world, pin_memory=device.type == "cuda")
     plan = Plan.of(len(loader), len(dataset), t, world)
     last_step, main = plan.last_step, is_main()
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
