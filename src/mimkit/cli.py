@@ -189,6 +189,27 @@ def cmd_data_shard(args: argparse.Namespace) -> None:
           f"shard(s) in {args.out} (index.json lists them); train with data.dataset=shards data.root={args.out}")
 
 
+def _add_data_parser(sub) -> None:
+    """`mimkit data shard`."""
+    p = sub.add_parser("data", help="prepare data: `mimkit data shard FOLDER OUT` writes WebDataset tar shards")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("shard", help="write an image folder as WebDataset tar shards plus index.json",
+                            description="Write the images of FOLDER (class sub-folders, or images directly in it) as "
+                            "OUT/shard-000000.tar, ... (members NNNNNN.jpg/.png + NNNNNN.cls, the file bytes "
+                            "unchanged, in a shuffled order) and OUT/index.json (classes and sample counts). "
+                            "With --max-side N, images larger than N on their longer side are resized to N and "
+                            "stored as JPEG.")
+    p.add_argument("folder", metavar="FOLDER", help="an image folder, e.g. /datasets/imagenet/train")
+    p.add_argument("out", metavar="OUT", help="output folder, e.g. /data/in1k-shards/train")
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="images per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order in which images are written")
+    p.add_argument("--max-side", type=int, default=0, metavar="N",
+                   help="resize images whose longer side exceeds N to N, stored as JPEG (512 suits 224-px "
+                   "pretraining; default 0: every file as it is)")
+    p.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of resized images (default 90)")
+    p.set_defaults(func=cmd_data_shard)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling pretraining of ViTs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,23 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="list every evaluation config key")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("data", help="prepare data: `mimkit data shard FOLDER OUT` writes WebDataset tar shards")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
-    p = data_sub.add_parser("shard", help="write an image folder as WebDataset tar shards plus index.json",
-                            description="Write the images of FOLDER (class sub-folders, or images directly in it) as "
-                            "OUT/shard-000000.tar, ... (members NNNNNN.jpg/.png + NNNNNN.cls, the file bytes "
-                            "unchanged, in a shuffled order) and OUT/index.json (classes and sample counts). "
-                            "With --max-side N, images larger than N on their longer side are resized to N and "
-                            "stored as JPEG.")
-    p.add_argument("folder", metavar="FOLDER", help="an image folder, e.g. /datasets/imagenet/train")
-    p.add_argument("out", metavar="OUT", help="output folder, e.g. /data/in1k-shards/train")
-    p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="images per shard (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the order in which images are written")
-    p.add_argument("--max-side", type=int, default=0, metavar="N",
-                   help="resize images whose longer side exceeds N to N, stored as JPEG (512 suits 224-px "
-                   "pretraining; default 0: every file as it is)")
-    p.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of resized images (default 90)")
-    p.set_defaults(func=cmd_data_shard)
+    _add_data_parser(sub)
 
     p = sub.add_parser("plot", help="draw loss, lr and accuracy curves of a run from its metrics.jsonl")
     p.add_argument("run_dir", help="a pretraining or evaluation output folder")

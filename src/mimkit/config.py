@@ -43,7 +43,8 @@ class DataConfig:
     split: str = "train"
     """`train` or `test`; a folder dataset uses `root/split` when it exists, else `root`."""
     load_size: int = 0
-    """Folder datasets: workers resize the shorter side to this and center-crop; 0 = img_size * 256 / 224."""
+    """Folders and shards, for evaluation and pictures: workers resize the shorter side to this and center-crop;
+    0 = img_size * 256 / 224 (pretraining crops come from the original image)."""
     scale: tuple[float, float] = (0.2, 1.0)
     """RandomResizedCrop area range (MAE: 0.2-1.0; CAE: 0.08-1.0)."""
     ratio: tuple[float, float] = (0.75, 4 / 3)

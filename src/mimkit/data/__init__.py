@@ -1,9 +1,10 @@
 """Data: datasets yielding uint8 images, batched device transforms, resumable loading.
 
-decode (one file to pixels; what unreadable means) <- folder, cifar <- shards <- datasets (which one a
-config names) <- loader; transforms work on batches on the device."""
+decode (one file to pixels; what unreadable means) <- crops (the pretraining crop of one file) <- folder,
+cifar <- shards <- datasets (which one a config names) <- loader; transforms work on batches on the device."""
 
 from mimkit.data.cifar import CIFAR10, CIFAR10_CLASSES, download_cifar10, load_cifar10, verify_checksum
+from mimkit.data.crops import RandomResizedCrop
 from mimkit.data.datasets import build_dataset, dataset_of
 from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample, decode_image
 from mimkit.data.folder import ImageFolder, spread, walk_files
@@ -20,6 +21,7 @@ __all__ = [
     "EvalTransform",
     "ImageFolder",
     "PretrainAugment",
+    "RandomResizedCrop",
     "ResumableSampler",
     "Sample",
     "ShardDataset",

@@ -160,7 +160,8 @@ def _batches(loader, live: list) -> Iterator[dict]:
     try:
         yield from live[0]
     except ConnectionError as e:  # a batch in transit from a worker that died: its shared memory is gone
-        raise _worker_died(RuntimeError(f"DataLoader worker: {type(e).__name__}: {e}")) from None
+        lost = f"DataLoader worker lost while sending a batch: {type(e).__name__}: {e}"
+        raise _worker_died(RuntimeError(lost)) from None
 
 
 def _worker_died(e: RuntimeError) -> TrainingError | None:
