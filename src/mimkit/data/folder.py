@@ -108,6 +108,8 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         i, epoch_key = key if isinstance(key, tuple) else (key, None)
+        if epoch_key is not None and self.crop is None:
+            raise ValueError(f"ImageFolder[{i}, {epoch_key}]: a keyed item needs a dataset built with a crop")
         path, label = self.path(i), int(self.labels[i])
         try:
             if epoch_key is None:
