@@ -23,6 +23,7 @@ ALLOWED = {
     # weights in and out sit below training, which reads and writes checkpoints through them
     "mimkit.architecture": ("mimkit.models", "mimkit.serialization"),
     "mimkit.convert": ("mimkit.architecture", "mimkit.models", "mimkit.serialization"),
+    "mimkit.warmstart": ("mimkit.convert", "mimkit.architecture"),  # weights in, for a run that starts from them
 }
 NEVER = {  # module prefix -> what it must not import
     "mimkit.train": ("mimkit.eval", "mimkit.cli"),

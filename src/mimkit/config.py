@@ -209,6 +209,9 @@ class Config:
     """Optional online kNN evaluation while pretraining."""
     out_dir: str = "runs/pretrain"
     """Where checkpoints, logs, pictures and the resolved config are written."""
+    init: str = ""
+    """Weights to start from (any file or folder `mimkit.load` reads: official MAE/CAE, Hugging Face, timm, mimkit);
+    what they lack keeps the method's initialisation; a new optimizer and schedule start. Empty: from scratch."""
 
 
 # --------------------------------------------------------------------------- validation helpers

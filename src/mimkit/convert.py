@@ -241,6 +241,8 @@ class Weights:
     """The model config stored in the source (with `method`), else hints such as heads from config.json."""
     data: dict = dataclasses.field(default_factory=dict)
     """A mimkit training checkpoint's data config (what evaluation defaults to), else empty."""
+    guessed: tuple[str, ...] = ()
+    """Fields of `config` the source does not state but a table supplied (official CAE's heads)."""
 
 
 def _mimkit_entry(obj: object) -> tuple[str, dict] | None:
@@ -262,7 +264,7 @@ def _weights_of(obj: object, name: str, hints: dict) -> Weights:
                 state = fmt.to_mimkit(state)
                 if fmt.architecture is None:
                     return Weights(state, name, config=hints)
-                return Weights(state, name, *fmt.architecture(state))
+                return Weights(state, name, *fmt.architecture(state), guessed=("num_heads", "decoder_num_heads"))
             except WeightsError as e:
                 raise WeightsError(f"{name}: {e}") from None
     raise WeightsError(

@@ -47,6 +47,7 @@ from mimkit.train.log import MetricsLog, progress
 from mimkit.train.malloc import keep_freed_memory
 from mimkit.train.optim import build_adamw, cosine_lr, set_lr
 from mimkit.viz import reconstruction_grid, save_png
+from mimkit.warmstart import init_from
 
 log = logging.getLogger("mimkit")
 
@@ -392,6 +393,8 @@ def _pretrain(cfg: Config, model_cfg, device: torch.device, resume: str | None, 
     t, d = cfg.train, cfg.data
     torch.manual_seed(t.seed)  # weight initialisation: the same in every process
     model = METHODS[cfg.method][1](model_cfg).to(device)
+    if cfg.init and not (resume and checkpoint.list_checkpoints(Path(cfg.out_dir) / "checkpoints")):
+        init_from(model, cfg.init)  # a resumed run continues from its checkpoint instead
     dataset = dataset_of(d, model_cfg.img_size, train_crops=True)  # files: cropped in the workers
     augment = PretrainAugment(model_cfg.img_size, scale=d.scale, ratio=d.ratio, hflip=d.hflip, mean=d.mean,
                               std=d.std, crop=getattr(dataset, "crop", None) is None)
