@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from test_cae import _randomize, _to_official, _toy
 
 from mimkit.cli import main
 from mimkit.config import ConfigError
 from mimkit.models import build_model
 from mimkit.models.vit import resample_pos_embed
 from mimkit.warmstart import init_from
-from test_cae import _randomize, _to_official, _toy
 
 TINY = dict(preset="mae_vit_tiny_cifar_patch4", depth=2, decoder_depth=1)
 RECIPE = "configs/pretrain/mae_vit_tiny_cifar10.yaml"
