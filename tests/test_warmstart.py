@@ -70,7 +70,8 @@ def test_an_encoder_only_file_leaves_the_decoder_at_its_initialisation(tmp_path)
     for k, v in state.items():
         expected = encoder[k] if k in encoder else initial[k]
         assert torch.equal(v, expected), k
-    assert report["initialised"] == ["mask_token", "decoder_pos_embed", "decoder_embed", "decoder_blocks", "decoder_norm",
+    assert report["initialised"] == ["mask_token", "decoder_pos_embed", "decoder_embed", "decoder_blocks",
+                                    "decoder_norm",
                                     "decoder_pred"]
 
 
