@@ -182,3 +182,23 @@ def make_mask(mask_type: str, batch: int, num_patches: int, mask_ratio: float, *
         return block_masking(batch, num_patches, mask_ratio, min_block=min_block, min_aspect=min_aspect,
                              generator=generator, device=device)
     raise ValueError(f"mask_type must be one of {', '.join(MASK_TYPES)}, got {mask_type!r}")
+
+
+# --------------------------------------------------------------------------- SimMIM's random blocks
+
+
+def block_random_mask(batch: int, grid: int, scale: int, mask_ratio: float, *,
+                      generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """SimMIM's `MaskGenerator`: the grid x grid patches fall into (grid / scale)^2 square blocks of
+    scale x scale patches; ceil(blocks * ratio) of them, a uniform random subset per image, are masked.
+    Returns (B, grid * grid) bool in grid order, True = masked."""
+    if grid % scale:
+        raise ValueError(f"a grid of {grid} patches is not made of blocks of {scale}")
+    side = grid // scale
+    count = math.ceil(side * side * mask_ratio)
+    gen_device = generator.device if generator is not None else device
+    order = torch.rand(batch, side * side, generator=generator, device=gen_device).argsort(dim=1)
+    blocks = torch.zeros(batch, side * side, dtype=torch.bool, device=gen_device)
+    blocks.scatter_(1, order[:, :count], True)
+    blocks = blocks.view(batch, side, 1, side, 1).expand(batch, side, scale, side, scale)
+    return blocks.reshape(batch, grid * grid).to(device)

@@ -12,9 +12,12 @@ from mimkit.models.cae import CAE, CAEConfig
 from mimkit.models.cae import PRESETS as CAE_PRESETS
 from mimkit.models.mae import MAE, MAEConfig
 from mimkit.models.mae import PRESETS as MAE_PRESETS
+from mimkit.models.simmim import PRESETS as SIMMIM_PRESETS
+from mimkit.models.simmim import SimMIM, SimMIMConfig
 
 # method -> (config class, model class, presets)
-METHODS = {"mae": (MAEConfig, MAE, MAE_PRESETS), "cae": (CAEConfig, CAE, CAE_PRESETS)}
+METHODS = {"mae": (MAEConfig, MAE, MAE_PRESETS), "cae": (CAEConfig, CAE, CAE_PRESETS),
+           "simmim": (SimMIMConfig, SimMIM, SIMMIM_PRESETS)}
 
 
 def resolve_model_config(method: str, model: dict):
