@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_cae import _randomize
 
 from mimkit.cli import main
 from mimkit.config import ConfigError
@@ -13,7 +14,6 @@ from mimkit.export import mae_to_hf
 from mimkit.masking import block_random_mask
 from mimkit.models import build_model
 from mimkit.train import checkpoint
-from test_cae import _randomize
 
 TINY = dict(preset="simmim_vit_tiny_cifar_patch4", depth=2)
 RECIPE = "configs/pretrain/simmim_vit_tiny_cifar10.yaml"
