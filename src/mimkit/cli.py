@@ -135,7 +135,9 @@ EXPORT_DESCRIPTION = """Load weights (any supported format) and write them for a
   official     {'model': state} as the official MAE checkpoints (decoder included), plus the architecture
   hf           a directory transformers loads with from_pretrained: ViTMAEForPreTraining with a decoder,
                ViTForImageClassification with a classifier, else ViTModel (add_pooling_layer=False)
-  safetensors  all weights, with the architecture in the header (mimkit.load rebuilds the model)"""
+  safetensors  all weights, with the architecture in the header (mimkit.load rebuilds the model)
+  onnx         the encoder's features (--pool cls, mean or tokens) as an ONNX graph, dynamic batch
+               (needs pip install 'mimkit[onnx]')"""
 
 
 def _add_weight_options(p: argparse.ArgumentParser) -> None:
@@ -176,7 +178,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     model = _load_for_writing(args)
     if args.to == "timm":
         model = encoder_of(model)
-    out = export(model, args.out, args.to, overwrite=args.overwrite)
+    out = export(model, args.out, args.to, overwrite=args.overwrite, pool=args.pool)
     print(f"wrote {out} ({args.to}): {describe(*architecture_of(model))}")
 
 
@@ -247,12 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weight_options(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="write weights for timm, official MAE code, transformers, or as safetensors",
+    p = sub.add_parser("export", help="write weights for timm, official MAE code, transformers, ONNX or safetensors",
                        description=EXPORT_DESCRIPTION, epilog=WEIGHTS_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="CKPT", help="weights file or Hugging Face directory (see below)")
-    p.add_argument("--to", required=True, choices=["timm", "official", "hf", "safetensors"], help="target format")
+    p.add_argument("--to", required=True, choices=["timm", "official", "hf", "safetensors", "onnx"],
+                   help="target format")
     p.add_argument("--out", required=True, help="output file (a directory for --to hf)")
+    p.add_argument("--pool", default="cls", choices=["cls", "mean", "tokens"],
+                   help="--to onnx: the features the graph outputs (default cls)")
     _add_weight_options(p)
     p.set_defaults(func=cmd_export)
 

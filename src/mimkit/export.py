@@ -18,6 +18,8 @@ Targets (`export(model, out, to)`, `mimkit export CKPT --to ...`):
                average pooling (`fc_norm`) or LayerScale: those models raise; use another target.
   safetensors  every weight, plus a JSON header entry `mimkit` = {"method", "model", "version"}
                (method and model config) from which `mimkit.load` rebuilds the model.
+  onnx         the encoder's feature extractor (cls token, mean of the patch tokens, or the tokens)
+               as an ONNX graph with a dynamic batch, for onnxruntime and other runtimes.
 `img_size` resamples the position embeddings (bicubic) first; `encoder_only` drops a decoder.
 
 An export never replaces an existing file or directory unless `overwrite`, and is written beside its
@@ -28,9 +30,11 @@ raises a one-line `WeightsError` with the OS's reason.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -49,7 +53,8 @@ from mimkit.convert import (
 )
 from mimkit.serialization import fsync_dir, os_error, os_reason
 
-TARGETS = ("timm", "official", "hf", "safetensors")
+TARGETS = ("timm", "official", "hf", "safetensors", "onnx")
+ONNX_MAX_BYTES = (2**31 - 1) - (64 << 20)  # protobuf's 2 GiB, less room for the graph itself
 
 
 def _version() -> str:
@@ -268,16 +273,65 @@ def write_new(out: str | Path, write: Callable[[Path], object], overwrite: bool 
     return out
 
 
-WRITERS = {"timm": save_timm, "official": save_official, "hf": save_hf, "safetensors": save_safetensors}
+class _Features(nn.Module):
+    """What an ONNX export computes: `pooled_features` of the encoder, (B, 3, H, W) -> (B, D) or (B, N, D)."""
+
+    def __init__(self, encoder: nn.Module, pool: str):
+        super().__init__()
+        self.encoder, self.pool = encoder, pool
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.encoder.pooled_features(pixel_values, self.pool)
+
+
+def save_onnx(model: nn.Module, path: str | Path, pool: str = "cls") -> Path:
+    """The encoder's feature extractor (`pool`: cls, mean or tokens) as an ONNX graph with a dynamic
+    batch: input `pixel_values` (B, 3, S, S) normalised as for training, output `features`; the
+    architecture, pool and mimkit version are in the model's metadata. Needs `pip install mimkit[onnx]`."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as e:
+        raise WeightsError(f"--to onnx needs the onnx extra: pip install 'mimkit[onnx]' ({e})") from None
+    encoder = encoder_of(model).eval()
+    size = sum(v.numel() * v.element_size() for v in encoder.state_dict().values())
+    if size > ONNX_MAX_BYTES:
+        raise WeightsError(f"the encoder's weights are {size / 2**30:.2f} GiB, more than one ONNX file holds "
+                           f"({ONNX_MAX_BYTES / 2**30:.1f} GiB, protobuf's limit); export a smaller model or --to timm")
+    example = torch.zeros(2, encoder.patch_embed.proj.in_channels, encoder.img_size, encoder.img_size,
+                          device=encoder.cls_token.device)
+    batch = {"pixel_values": {0: torch.export.Dim("batch")}}
+    quiet = logging.getLogger("torch.onnx")  # it warns about torchvision's operators, which a ViT does not use
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(_Features(encoder, pool).eval(), (example,), input_names=["pixel_values"],
+                                        output_names=["features"], dynamic_shapes=batch, dynamo=True, verbose=False)
+    finally:
+        quiet.setLevel(level)
+    proto = program.model_proto
+    method, cfg = architecture_of(encoder)
+    for key, value in (("mimkit", json.dumps({"method": method, "model": cfg, "pool": pool, "version": _version()})),
+                       ("pool", pool)):
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, key: value})
+    onnx.save(proto, str(path))
+    return Path(path)
+
+
+WRITERS = {"timm": save_timm, "official": save_official, "hf": save_hf, "safetensors": save_safetensors,
+           "onnx": save_onnx}
 
 
 def export(model: nn.Module, out: str | Path, to: str, img_size: int | None = None,
-           encoder_only: bool = False, overwrite: bool = False) -> Path:
+           encoder_only: bool = False, overwrite: bool = False, pool: str = "cls") -> Path:
     """Write `model` to `out` as `to` (one of `TARGETS`); returns the path written.
 
     `img_size` resamples the position embeddings (bicubic) to that resolution first;
-    `encoder_only` drops the decoder (for `official`, `hf` and `safetensors`; `timm` always does);
-    an existing `out` is replaced only with `overwrite` (see the module docstring).
+    `encoder_only` drops the decoder (for `official`, `hf` and `safetensors`; `timm` and `onnx` always
+    do); `pool` is what an `onnx` graph outputs; an existing `out` is replaced only with `overwrite`
+    (see the module docstring).
     """
     if to not in WRITERS:
         raise WeightsError(f"unknown export target {to!r} (known: {', '.join(TARGETS)})")
@@ -285,4 +339,6 @@ def export(model: nn.Module, out: str | Path, to: str, img_size: int | None = No
         model = with_img_size(model, img_size)
     if encoder_only:
         model = encoder_of(model)
+    if to == "onnx":
+        return write_new(out, lambda tmp: save_onnx(model, tmp, pool), overwrite)
     return write_new(out, lambda tmp: WRITERS[to](model, tmp), overwrite)

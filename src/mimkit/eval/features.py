@@ -11,32 +11,18 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 from mimkit.data import Sample, make_loader, set_epoch
 from mimkit.train import dist
 
-POOLS = ("cls", "mean", "tokens")
-
 
 def features(model: nn.Module, imgs: Tensor, pool: str = "cls") -> Tensor:
     """Features of `imgs` (B, C, H, W), normalised as for training, at the model's resolution.
 
-    pool="cls": the cls token (B, D); "mean": the mean of the patch tokens (B, D); "tokens": the patch
-    tokens (B, N, D), without the cls token. Tokens are taken after the final norm
-    (`model.forward_features`): no masking, eval mode (restored afterwards), no gradients. For a
-    classifier that pools by averaging (`global_pool="avg"`, MAE fine-tuning) the final norm is
-    `fc_norm`, applied after the mean, so "mean" is exactly what its head sees, while "cls" and
-    "tokens" are un-normalised.
+    `model.pooled_features` (pool "cls", "mean" or "tokens"; see there), in eval mode (restored
+    afterwards), without gradients.
     """
-    if pool not in POOLS:
-        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            x = model.forward_features(imgs)  # (B, 1 + N, D)
-            if pool == "cls":
-                return x[:, 0]
-            if pool == "tokens":
-                return x[:, 1:]
-            mean = x[:, 1:].mean(dim=1)  # (B, D)
-            return model.fc_norm(mean) if getattr(model, "global_pool", "token") == "avg" else mean
+            return model.pooled_features(imgs, pool)
     finally:
         model.train(was_training)
 

@@ -229,6 +229,9 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+POOLS = ("cls", "mean", "tokens")  # what `pooled_features` gives: evaluation and ONNX export use it
+
+
 class VisionTransformer(nn.Module):
     """ViT encoder with a cls token and fixed 2-D sin-cos position embeddings (timm names).
 
@@ -303,6 +306,20 @@ class VisionTransformer(nn.Module):
     def forward_features(self, imgs: Tensor) -> Tensor:
         """All tokens, no masking: (B, C, H, W) -> (B, 1 + N, D), after the final norm."""
         return self.run_blocks(self.with_cls(self.embed(imgs)))
+
+    def pooled_features(self, imgs: Tensor, pool: str = "cls") -> Tensor:
+        """All tokens after the final norm, pooled (no masking): "cls" the cls token (B, D); "mean" the
+        mean of the patch tokens (B, D), through `fc_norm` when the model pools by averaging (then it is
+        exactly what its head sees); "tokens" the patch tokens (B, N, D)."""
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        x = self.forward_features(imgs)  # (B, 1 + N, D)
+        if pool == "cls":
+            return x[:, 0]
+        if pool == "tokens":
+            return x[:, 1:]
+        mean = x[:, 1:].mean(dim=1)
+        return self.fc_norm(mean) if self.global_pool == "avg" else mean
 
     def pool(self, x: Tensor) -> Tensor:
         """(B, 1 + N, D) -> (B, D): the cls token, or the mean of the patch tokens, then `fc_norm`."""
