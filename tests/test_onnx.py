@@ -43,5 +43,5 @@ def test_the_cli_writes_onnx_and_refuses_to_replace_it(tmp_path, capsys):
     args = ["export", str(tmp_path / "mae.pt"), "--to", "onnx", "--pool", "mean", "--out", str(tmp_path / "m.onnx")]
     assert main(args) == 0 and (tmp_path / "m.onnx").is_file()
     assert main(args) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (f"mimkit: error: {tmp_path / 'm.onnx'} exists: pass --overwrite "
-                                                        "(overwrite=True) to replace it")
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == f"mimkit: error: {tmp_path / 'm.onnx'} exists: pass --overwrite (overwrite=True) to replace it"
