@@ -18,6 +18,7 @@ from mimkit.convert import (
     WeightsError,
     load,
     load_weights,
+    read_state,
     read_weights,
 )
 from mimkit.export import export, mae_to_hf, timm_state_dict
@@ -601,3 +602,44 @@ def test_readme_python_api(tmp_path):
     assert feats.shape == (2, 192)
     assert torch.equal(mimkit.features(mimkit.load(tmp_path / "weights.pth"), imgs, pool="mean"), feats)
     assert read_weights(tmp_path / "weights.pth").method == "mae"
+
+
+def _timm_folder(tmp_path: Path) -> tuple[Path, str]:
+    """A one-step CIFAR-tiny run exported with `--to timm --out DIR`: (DIR, the checkpoint)."""
+    run = tmp_path / "run"
+    assert main(["pretrain", "configs/pretrain/mae_vit_tiny_cifar10.yaml", "model.depth=1", "train.max_steps=1",
+                 "data.limit=64", "train.batch_size=32", "train.vis_images=0", f"data.cache_dir={tmp_path / 'c'}",
+                 f"out_dir={run}"]) == 0
+    checkpoint = str(run / "checkpoints" / "checkpoint-00000001.pt")
+    assert main(["export", checkpoint, "--to", "timm", "--out", str(tmp_path / "vit-timm")]) == 0
+    return tmp_path / "vit-timm", checkpoint
+
+
+def test_timm_folder_has_what_timm_local_dir_reads_and_the_run_normalisation(tmp_path):
+    """config.json (a registered architecture, model_args that rebuild this encoder, the run's mean/std
+    in pretrained_cfg) + model.safetensors with timm's names."""
+    folder, checkpoint = _timm_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "vit_base_patch16_224"
+    assert config["model_args"] == dict(img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=1, num_heads=3,
+                                        mlp_ratio=4.0, qkv_bias=True, init_values=None, num_classes=0,
+                                        global_pool="token", class_token=True)
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [3, 32, 32] and cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.875
+    assert cfg["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])  # the recipe's, not ImageNet's
+    assert cfg["std"] == pytest.approx([0.2470, 0.2435, 0.2616])
+    state = read_state(folder / "model.safetensors")
+    encoder = mimkit.load(checkpoint).encoder_state_dict()
+    assert state.keys() == encoder.keys() and all(torch.equal(state[k], encoder[k]) for k in state)
+
+
+def test_timm_loads_the_folder_with_equal_features(tmp_path):
+    """Runs where timm imports (it needs torchvision, which does not import beside the CPU wheel of
+    the development machine; the GPU machine has both)."""
+    timm = pytest.importorskip("timm")
+    folder, checkpoint = _timm_folder(tmp_path)
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(imgs), mimkit.load(checkpoint).forward_features(imgs),
+                                   atol=1e-5, rtol=0)

@@ -131,7 +131,8 @@ attention heads of a non-standard width needs --num-heads."""
 
 EXPORT_DESCRIPTION = """Load weights (any supported format) and write them for another library:
   timm         the encoder as a timm VisionTransformer state dict (.pth, or .safetensors by suffix);
-               head.* only for a classifier, never a decoder
+               head.* only for a classifier, never a decoder; --out without a suffix: a folder for
+               timm.create_model("local-dir:PATH", pretrained=True)
   official     {'model': state} as the official MAE checkpoints (decoder included), plus the architecture
   hf           a directory transformers loads with from_pretrained: ViTMAEForPreTraining with a decoder,
                ViTForImageClassification with a classifier, else ViTModel (add_pooling_layer=False)
@@ -152,20 +153,22 @@ def _add_weight_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load_for_writing(args: argparse.Namespace):
+    """(model, the data section of the run that trained it: {} for other files)."""
     from mimkit.architecture import encoder_of
-    from mimkit.convert import load
+    from mimkit.convert import load, read_weights
 
     overrides = {k: v for k, v in (("img_size", args.img_size), ("num_heads", args.num_heads),
                                    ("decoder_num_heads", args.decoder_num_heads)) if v is not None}
-    model = load(args.source, **overrides)
-    return encoder_of(model) if args.encoder_only else model
+    weights = read_weights(args.source)
+    model = load(weights, **overrides)
+    return (encoder_of(model) if args.encoder_only else model), weights.data
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from mimkit.architecture import architecture_of, describe
     from mimkit.export import export
 
-    model = _load_for_writing(args)
+    model, _ = _load_for_writing(args)
     to = "safetensors" if Path(args.out).suffix == ".safetensors" else "official"
     out = export(model, args.out, to, overwrite=args.overwrite)
     print(f"wrote {out}: {describe(*architecture_of(model))}")
@@ -173,12 +176,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from mimkit.architecture import architecture_of, describe, encoder_of
+    from mimkit.config import IMAGENET_MEAN, IMAGENET_STD
     from mimkit.export import export
 
-    model = _load_for_writing(args)
+    model, data = _load_for_writing(args)
     if args.to == "timm":
         model = encoder_of(model)
-    out = export(model, args.out, args.to, overwrite=args.overwrite, pool=args.pool)
+    out = export(model, args.out, args.to, overwrite=args.overwrite, pool=args.pool,
+                 mean=data.get("mean", IMAGENET_MEAN), std=data.get("std", IMAGENET_STD))
     print(f"wrote {out} ({args.to}): {describe(*architecture_of(model))}")
 
 
@@ -255,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="CKPT", help="weights file or Hugging Face directory (see below)")
     p.add_argument("--to", required=True, choices=["timm", "official", "hf", "safetensors", "onnx"],
                    help="target format")
-    p.add_argument("--out", required=True, help="output file (a directory for --to hf)")
+    p.add_argument("--out", required=True, help="output file (a directory for --to hf, and for --to timm without a "
+                   "file suffix)")
     p.add_argument("--pool", default="cls", choices=["cls", "mean", "tokens"],
                    help="--to onnx: the features the graph outputs (default cls)")
     _add_weight_options(p)

@@ -2,7 +2,9 @@
 
 Targets (`export(model, out, to)`, `mimkit export CKPT --to ...`):
   timm         the encoder as a timm `VisionTransformer` state dict (`.pth`, or `.safetensors` by
-               suffix): `pos_embed` (1, 1 + N, D) with the cls row first; `head.*` only when the
+               suffix; a path without a suffix: a folder that `timm.create_model("local-dir:PATH",
+               pretrained=True)` loads, config.json + model.safetensors): `pos_embed` (1, 1 + N, D)
+               with the cls row first; `head.*` only when the
                model has a classifier, `fc_norm.*` instead of `norm.*` when it pools by averaging.
                A decoder is never included (timm's ViT has none). CAE's query and value biases
                become the equivalent `attn.qkv.bias` (zero key part), which timm's ViT has.
@@ -42,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from mimkit.architecture import architecture_of, encoder_of, with_img_size
+from mimkit.config import IMAGENET_MEAN, IMAGENET_STD
 from mimkit.convert import (
     BLOCK_TO_HF,
     BLOCK_TO_HF_LEGACY,
@@ -169,15 +172,40 @@ def timm_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def save_timm(model: nn.Module, path: str | Path) -> Path:
-    """timm state dict: torch.save of the bare dict, or safetensors (with the `mimkit` header) by suffix."""
+TIMM_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def timm_config(cfg: Mapping, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+    """config.json of a timm `local-dir:` folder for a mimkit ViT config: a registered architecture
+    name, `model_args` that rebuild exactly this encoder, and the `pretrained_cfg` timm's data
+    pipeline reads (input size, bicubic, mean, std, MAE's evaluation crop_pct 224 / 256)."""
+    args = dict(img_size=cfg["img_size"], patch_size=cfg["patch_size"], in_chans=cfg["in_chans"],
+                embed_dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"],
+                qkv_bias=bool(cfg["qkv_bias"] or cfg.get("qv_bias")), init_values=cfg["init_values"] or None,
+                num_classes=cfg["num_classes"], global_pool=cfg["global_pool"], class_token=True)
+    size = cfg["img_size"]
+    return {"architecture": "vit_base_patch16_224", "num_classes": cfg["num_classes"], "model_args": args,
+            "pretrained_cfg": {"tag": "mimkit", "input_size": [cfg["in_chans"], size, size], "fixed_input_size": True,
+                               "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center",
+                               "mean": list(mean), "std": list(std), "num_classes": cfg["num_classes"],
+                               "first_conv": "patch_embed.proj", "classifier": "head"}}
+
+
+def save_timm(model: nn.Module, path: str | Path, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Path:
+    """timm state dict: torch.save of the bare dict, or safetensors (with the `mimkit` header) by suffix;
+    a path without one of `TIMM_FILE_SUFFIXES` becomes a folder for `timm.create_model("local-dir:PATH",
+    pretrained=True)`: config.json (`timm_config`, with the normalisation `mean`, `std`) + model.safetensors."""
     path = Path(path)
     encoder = encoder_of(model)  # built once: timm_state_dict takes a bare encoder as it is
     state = timm_state_dict(encoder)
-    if path.suffix == ".safetensors":
-        method, cfg = architecture_of(encoder)
-        if cfg.pop("qv_bias", False):  # folded into qkv.bias: the file holds a plain ViT
-            cfg["qkv_bias"] = True
+    method, cfg = architecture_of(encoder)
+    if cfg.pop("qv_bias", False):  # folded into qkv.bias: the file holds a plain ViT
+        cfg["qkv_bias"] = True
+    if path.suffix not in TIMM_FILE_SUFFIXES:
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps(timm_config(cfg, mean, std), indent=2) + "\n")
+        _save_safetensors(state, path / "model.safetensors", _header(method, cfg))
+    elif path.suffix == ".safetensors":
         _save_safetensors(state, path, _header(method, cfg))
     else:
         _torch_save(state, path)
@@ -325,13 +353,14 @@ WRITERS = {"timm": save_timm, "official": save_official, "hf": save_hf, "safeten
 
 
 def export(model: nn.Module, out: str | Path, to: str, img_size: int | None = None,
-           encoder_only: bool = False, overwrite: bool = False, pool: str = "cls") -> Path:
+           encoder_only: bool = False, overwrite: bool = False, pool: str = "cls",
+           mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Path:
     """Write `model` to `out` as `to` (one of `TARGETS`); returns the path written.
 
     `img_size` resamples the position embeddings (bicubic) to that resolution first;
     `encoder_only` drops the decoder (for `official`, `hf` and `safetensors`; `timm` and `onnx` always
-    do); `pool` is what an `onnx` graph outputs; an existing `out` is replaced only with `overwrite`
-    (see the module docstring).
+    do); `pool` is what an `onnx` graph outputs; `mean` and `std` (the training normalisation) go into
+    a timm folder's config; an existing `out` is replaced only with `overwrite` (see the module docstring).
     """
     if to not in WRITERS:
         raise WeightsError(f"unknown export target {to!r} (known: {', '.join(TARGETS)})")
@@ -341,4 +370,6 @@ def export(model: nn.Module, out: str | Path, to: str, img_size: int | None = No
         model = encoder_of(model)
     if to == "onnx":
         return write_new(out, lambda tmp: save_onnx(model, tmp, pool), overwrite)
+    if to == "timm":
+        return write_new(out, lambda tmp: save_timm(model, tmp, mean, std), overwrite)
     return write_new(out, lambda tmp: WRITERS[to](model, tmp), overwrite)
