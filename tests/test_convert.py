@@ -568,7 +568,7 @@ def test_cli_help(command, capsys):
     out = capsys.readouterr().out
     assert "--img-size" in out and "--num-heads" in out and "Hugging Face" in out
     if command == "export":
-        assert "{timm,official,hf,safetensors}" in out
+        assert "{timm,official,hf,safetensors,onnx}" in out
 
 
 # --- features ---------------------------------------------------------------------------------------

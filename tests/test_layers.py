@@ -22,7 +22,8 @@ ALLOWED = {
     "mimkit.models": ("mimkit.masking", "mimkit.targets", "mimkit.tokenizers"),
     # weights in and out sit below training, which reads and writes checkpoints through them
     "mimkit.architecture": ("mimkit.models", "mimkit.serialization"),
-    "mimkit.convert": ("mimkit.architecture", "mimkit.models", "mimkit.serialization"),
+    "mimkit.hub": ("mimkit.metrics", "mimkit.serialization"),
+    "mimkit.convert": ("mimkit.architecture", "mimkit.models", "mimkit.serialization", "mimkit.hub"),
     "mimkit.warmstart": ("mimkit.convert", "mimkit.architecture"),  # weights in, for a run that starts from them
 }
 NEVER = {  # module prefix -> what it must not import

@@ -179,12 +179,26 @@ def cmd_export(args: argparse.Namespace) -> None:
     from mimkit.config import IMAGENET_MEAN, IMAGENET_STD
     from mimkit.export import export
 
+    if args.push_to_hub and args.to != "hf":
+        raise ConfigError(f"--push-to-hub uploads a Hugging Face folder: use it with --to hf, not --to {args.to}")
     model, data = _load_for_writing(args)
     if args.to == "timm":
         model = encoder_of(model)
+    card = None
+    if args.to == "hf":
+        from mimkit import __version__
+        from mimkit.export import hf_architecture
+        from mimkit.hub import model_card
+
+        repo = args.push_to_hub or f"your-name/{Path(args.out).name}"
+        card = model_card(repo, describe(*architecture_of(model)), hf_architecture(model), args.source, __version__)
     out = export(model, args.out, args.to, overwrite=args.overwrite, pool=args.pool,
-                 mean=data.get("mean", IMAGENET_MEAN), std=data.get("std", IMAGENET_STD))
+                 mean=data.get("mean", IMAGENET_MEAN), std=data.get("std", IMAGENET_STD), card=card)
     print(f"wrote {out} ({args.to}): {describe(*architecture_of(model))}")
+    if args.push_to_hub:
+        from mimkit.hub import push
+
+        print(f"uploaded {out} to {push(out, args.push_to_hub, private=args.private)}")
 
 
 def cmd_data_shard(args: argparse.Namespace) -> None:
@@ -264,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "file suffix)")
     p.add_argument("--pool", default="cls", choices=["cls", "mean", "tokens"],
                    help="--to onnx: the features the graph outputs (default cls)")
+    p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
+                   help="--to hf: upload the folder (with its model card) to this Hugging Face Hub repository")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     _add_weight_options(p)
     p.set_defaults(func=cmd_export)
 

@@ -24,7 +24,8 @@ Formats read (see `read_weights`; the export side is `mimkit.export`):
     transformers 5 uses in memory, the 4.x hub names it writes to disk, or its 5.x save quirk
     `decoder.decoder_encoder.layer.*`;
   - timm ViT state dicts (.pth / .bin / .safetensors; also under `state_dict`).
-  - official CAE pretraining checkpoints (`encoder.*`, `regresser.*`; see the end of this file).
+  - official CAE pretraining checkpoints (`encoder.*`, `regresser.*`; see the end of this file);
+  - any of these on the Hugging Face Hub: `hf-hub:ORG/NAME[@REVISION]` (`mimkit.hub`).
 New layouts plug in as one entry of `formats()`.
 """
 
@@ -52,6 +53,7 @@ from mimkit.architecture import (
     target_grid,
 )
 from mimkit.config import ConfigError
+from mimkit.hub import is_hub, resolve
 from mimkit.serialization import WeightsError, read_safetensors, read_sharded, read_torch
 
 log = logging.getLogger(__name__)
@@ -319,6 +321,8 @@ def _read_hf_dir(path: Path) -> Weights:
 
 def read_weights(source: str | Path | Mapping) -> Weights:
     """Any supported source (see the module docstring) -> `Weights` in mimkit names."""
+    if is_hub(source):  # hf-hub:ORG/NAME[@REVISION]: the Hub cache's copy of the repository
+        source = resolve(source)
     if isinstance(source, Mapping):
         name, obj, meta = "weights", source, {}
     else:

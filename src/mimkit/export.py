@@ -228,14 +228,26 @@ def save_safetensors(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def save_hf(model: nn.Module, directory: str | Path) -> Path:
-    """A Hugging Face model directory: config.json + model.safetensors (see the module docstring)."""
+def hf_architecture(model: nn.Module) -> str:
+    """The transformers class `save_hf` writes `model` as."""
+    method, cfg = architecture_of(model)
+    if method == "mae":
+        return "ViTMAEForPreTraining"
+    if method != "vit":
+        return "ViTModel"  # other methods go to transformers as their encoder
+    return "ViTForImageClassification" if cfg["num_classes"] else "ViTModel"
+
+
+def save_hf(model: nn.Module, directory: str | Path, card: str | None = None) -> Path:
+    """A Hugging Face model directory: config.json + model.safetensors (see the module docstring), and
+    the model card `card` as README.md when given (`mimkit.hub.model_card`)."""
     method, cfg = architecture_of(model)
     if method not in ("mae", "vit"):  # other methods (CAE) go to transformers as their encoder
         model = encoder_of(model)
         method, cfg = architecture_of(model)
+    arch = hf_architecture(model)
+    prefix = "" if arch == "ViTModel" else "vit."
     if method == "mae":
-        arch, prefix = "ViTMAEForPreTraining", "vit."
         config = {"model_type": "vit_mae", **hf_config_from_mae(model.cfg)}
     else:
         if cfg["global_pool"] != "token":
@@ -246,7 +258,6 @@ def save_hf(model: nn.Module, directory: str | Path) -> Path:
         if cfg["init_values"]:
             raise WeightsError("this model uses LayerScale (ls1/ls2), which transformers' ViT does not have; "
                                "export it with --to timm, official or safetensors.")
-        arch, prefix = ("ViTForImageClassification", "vit.") if cfg["num_classes"] else ("ViTModel", "")
         config = {"model_type": "vit", **hf_config_from_vit(cfg)}
     config = {"architectures": [arch], **config, "dtype": str(model.cls_token.dtype).removeprefix("torch.")}
     state = mae_to_hf(model.state_dict(), prefix=prefix, legacy=True)
@@ -254,6 +265,8 @@ def save_hf(model: nn.Module, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _save_safetensors(state, directory / "model.safetensors", {"format": "pt"})
+    if card is not None:
+        (directory / "README.md").write_text(card)
     return directory
 
 
@@ -354,13 +367,14 @@ WRITERS = {"timm": save_timm, "official": save_official, "hf": save_hf, "safeten
 
 def export(model: nn.Module, out: str | Path, to: str, img_size: int | None = None,
            encoder_only: bool = False, overwrite: bool = False, pool: str = "cls",
-           mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Path:
+           mean=IMAGENET_MEAN, std=IMAGENET_STD, card: str | None = None) -> Path:
     """Write `model` to `out` as `to` (one of `TARGETS`); returns the path written.
 
     `img_size` resamples the position embeddings (bicubic) to that resolution first;
     `encoder_only` drops the decoder (for `official`, `hf` and `safetensors`; `timm` and `onnx` always
     do); `pool` is what an `onnx` graph outputs; `mean` and `std` (the training normalisation) go into
-    a timm folder's config; an existing `out` is replaced only with `overwrite` (see the module docstring).
+    a timm folder's config; `card` becomes an `hf` folder's README.md; an existing `out` is replaced only
+    with `overwrite` (see the module docstring).
     """
     if to not in WRITERS:
         raise WeightsError(f"unknown export target {to!r} (known: {', '.join(TARGETS)})")
@@ -372,4 +386,6 @@ def export(model: nn.Module, out: str | Path, to: str, img_size: int | None = No
         return write_new(out, lambda tmp: save_onnx(model, tmp, pool), overwrite)
     if to == "timm":
         return write_new(out, lambda tmp: save_timm(model, tmp, mean, std), overwrite)
+    if to == "hf":
+        return write_new(out, lambda tmp: save_hf(model, tmp, card), overwrite)
     return write_new(out, lambda tmp: WRITERS[to](model, tmp), overwrite)
