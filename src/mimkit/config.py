@@ -35,11 +35,12 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     dataset: str = "cifar10"
-    """`cifar10`, `folder` (class sub-folders of images; any image mode is converted to RGB) or `shards`
-    (WebDataset tar shards written by `mimkit data shard`, streamed)."""
+    """`cifar10`, `folder` (class sub-folders of images; any image mode is converted to RGB), `shards`
+    (WebDataset tar shards written by `mimkit data shard`, streamed) or `hf` (a Hugging Face `datasets` dataset)."""
     root: str = "builtin"
     """cifar10: `builtin` (the subset shipped with mimkit), `download`, a folder or a .tar.gz; folder: a directory;
-    shards: their folder, or a brace/glob pattern such as `/disk{1,2}/in1k/shard-{000000..000127}.tar`."""
+    shards: their folder, or a brace/glob pattern such as `/disk{1,2}/in1k/shard-{000000..000127}.tar`; hf: a
+    `save_to_disk` folder, a folder of parquet/arrow files, or a Hub dataset id."""
     split: str = "train"
     """`train` or `test`; a folder dataset uses `root/split` when it exists, else `root`."""
     load_size: int = 0
@@ -67,9 +68,13 @@ class DataConfig:
     """Shards: samples read into memory and shuffled together (after the shard order is shuffled per epoch)."""
     max_member_bytes: int = 1 << 26
     """Shards: a member larger than this many bytes (default 64 MiB) is skipped as unreadable, never read."""
+    image_column: str = "image"
+    """hf: the column holding the images (an Image feature, bytes or paths)."""
+    label_column: str = "label"
+    """hf: the column holding the labels (a ClassLabel names the classes); absent: every label is 0."""
 
     def __post_init__(self) -> None:
-        check_choice("data.dataset", self.dataset, ("cifar10", "folder", "shards"))
+        check_choice("data.dataset", self.dataset, ("cifar10", "folder", "shards", "hf"))
         for name in ("shuffle_buffer", "max_member_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)!r}")

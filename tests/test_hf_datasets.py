@@ -1,0 +1,100 @@
+"""Hugging Face `datasets` as a data source, offline: saved datasets, parquet folders, bad rows,
+training crops, exact resume and evaluation through the shared paths."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mimkit.cli import main
+from mimkit.config import load_config
+from mimkit.data import DataError, build_dataset, make_loader, set_epoch
+from mimkit.data.crops import RandomResizedCrop
+from mimkit.train import checkpoint
+from mimkit.train.loop import pretrain
+
+datasets = pytest.importorskip("datasets")  # the datasets extra; dev installs it
+N = 40
+
+
+def _jpeg(seed: int, size=(48, 40)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A DatasetDict saved with save_to_disk (train: 40 rows, one of them not an image; test: 20 rows),
+    and the same train split as a parquet folder."""
+    root = tmp_path_factory.mktemp("hfdata")
+    features = datasets.Features({"img": datasets.Image(), "cls": datasets.ClassLabel(names=["cat", "dog", "fox"])})
+
+    def split(n, offset):
+        images = [{"bytes": _jpeg(offset + i), "path": None} for i in range(n)]
+        if offset == 0:
+            images[7] = {"bytes": b"not a jpeg", "path": None}
+        return datasets.Dataset.from_dict({"img": images, "cls": [i % 3 for i in range(n)]}, features=features)
+
+    dd = datasets.DatasetDict({"train": split(N, 0), "test": split(20, 1000)})
+    dd.save_to_disk(str(root / "saved"))
+    (root / "parquet").mkdir()
+    dd["train"].to_parquet(str(root / "parquet" / "train-00000.parquet"))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["saved", "parquet"])
+def test_rows_decode_like_a_folder_and_a_bad_row_is_counted(saved, layout, tmp_path):
+    ds = build_dataset("hf", str(saved / layout), "train", 32, load_size=36, columns=("img", "cls"),
+                       cache_dir=str(tmp_path))
+    assert len(ds) == N and ds.classes == ["cat", "dog", "fox"] and ds.labels[:4].tolist() == [0, 1, 2, 0]
+    assert ds[0].image.shape == (3, 36, 36) and ds[0].image.dtype == torch.uint8
+    bad = ds[7]
+    assert bad.image is None and bad.reason == "not a recognised image format" and bad.path.endswith("[7]")
+    crops = build_dataset("hf", str(saved / layout), "train", 32, columns=("img", "cls"), cache_dir=str(tmp_path),
+                          crop=RandomResizedCrop(32))
+    loader = make_loader(crops, 8, seed=0, num_workers=2)
+    set_epoch(loader, 0)
+    batches = list(loader)
+    assert sum(b["images"].shape[0] for b in batches) == N - 1 and batches[0]["images"].shape[1:] == (3, 32, 32)
+    assert [p for b in batches for p, _ in b["skipped"]] == [bad.path]
+
+
+def test_errors_name_the_column_and_the_split(saved, tmp_path):
+    with pytest.raises(DataError, match=r"^data.image_column: .* has no column 'image' \(its columns: img, cls\)$"):
+        build_dataset("hf", str(saved / "saved"), "train", 32, cache_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"^data.root=.*: cannot load it with datasets \("):
+        build_dataset("hf", str(tmp_path / "nothing-here"), "train", 32, cache_dir=str(tmp_path))
+
+
+def test_pretraining_resumes_exactly_and_evaluates(saved, tmp_path):
+    args = ["data.dataset=hf", f"data.root={saved / 'saved'}", "data.image_column=img", "data.label_column=cls",
+            "data.num_workers=2", f"data.cache_dir={tmp_path / 'c'}", "model.preset=mae_vit_tiny_cifar_patch4",
+            "model.depth=1", "model.decoder_depth=1", "train.batch_size=8", "train.epochs=3", "train.ckpt_every=2",
+            "train.vis_images=2"]
+    full = pretrain(load_config(None, [*args, f"out_dir={tmp_path / 'full'}"]))
+    assert full["step"] == 15 and full["skipped"] == [f"{saved / 'saved'}[7]"]
+
+    class Stop(Exception):
+        pass
+
+    def stop(info):
+        if info.step == 7:
+            raise Stop
+
+    cut = load_config(None, [*args, f"out_dir={tmp_path / 'cut'}"])
+    with pytest.raises(Stop):
+        pretrain(cut, hooks=[stop])
+    pretrain(cut, resume="auto")  # from step 6, mid-epoch
+    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "checkpoint-00000015.pt")["model"]
+    b = checkpoint.load(tmp_path / "cut" / "checkpoints" / "checkpoint-00000015.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = str(tmp_path / "full" / "checkpoints" / "checkpoint-00000015.pt")
+    assert main(["eval", "knn", ckpt, f"out_dir={tmp_path / 'knn'}"]) == 0  # data section from the checkpoint
+    result = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert 0 <= result["top1"] <= 100 and result["config"]["data"]["dataset"] == "hf"
