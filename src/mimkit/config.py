@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import math
 import os
@@ -129,6 +130,8 @@ class TrainConfig:
     schedule still spans all epochs, so set `epochs` to what the budget allows."""
     log_every: int = 10
     """Optimizer steps between log lines (and non-finite-loss checks)."""
+    trackers: tuple[str, ...] = ()
+    """Experiment trackers besides metrics.jsonl: any of `tensorboard`, `wandb`, `mlflow` (each an extra): [wandb]."""
     ckpt_every: int = 0
     """Optimizer steps between checkpoints (0 = only at the end of each epoch and of the run)."""
     keep_last: int = 3
@@ -160,6 +163,12 @@ class TrainConfig:
             check_nonneg(f"train.{name}", getattr(self, name))
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas: each must be in [0, 1), got {list(self.betas)}")
+        for name in self.trackers:
+            check_choice("train.trackers", name, ("tensorboard", "wandb", "mlflow"))
+            if importlib.util.find_spec(name) is None:
+                raise ConfigError(f"train.trackers: {name} is not installed: pip install 'mimkit[{name}]'")
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"train.trackers: each at most once, got {list(self.trackers)}")
         if not (self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device)):
             raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
 

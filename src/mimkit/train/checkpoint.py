@@ -55,7 +55,8 @@ class TrainingError(RuntimeError):
 
 
 # What a run writes into its out_dir: a fresh run refuses a directory that holds any of them.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "pictures", "curves.png", "tensorboard", "best.pt")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "pictures", "curves.png", "tensorboard", "best.pt",
+             "trackers.json", "wandb")
 
 
 def claim(out_dir: str | Path, resume: str | None, overwrite: bool = False) -> tuple[Path, dict] | None:

@@ -252,7 +252,7 @@ class Plan(NamedTuple):
 def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optimizer, t: TrainConfig, *,
         out_dir: str | Path, config: dict, kind: str, strict: bool = False, num_workers: int = 0,
         resume: str | None = None, overwrite: bool = False, hooks: list[Hook] = (),
-        on_checkpoint: Callable[[int], None] | None = None) -> dict:
+        on_checkpoint: Callable[[int], Path | None] | None = None) -> dict:
     """The one training loop (schedule, AMP, accumulation, clipping, logging, hooks, atomic checkpoints,
     exact resume) for any task whose loss `loss_fn` computes. `resume`: None (a fresh run; out_dir holds
     no other run unless `overwrite`), "auto" or a path (`checkpoint.claim`). `config` and `kind` go into
@@ -270,7 +270,7 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
                          keep_last=t.keep_last, strategy=t.strategy, steps_per_epoch=plan.steps_per_epoch,
                          accum_steps=t.accum_steps)
     run.resume(resume, overwrite)
-    metrics = MetricsLog(run.out_dir, enabled=main, resume_step=run.step)
+    metrics = MetricsLog(run.out_dir, enabled=main, resume_step=run.step, trackers=t.trackers, config=config)
     plan.announce(kind, len(dataset), device)
 
     bar = progress(last_step, run.step, main, desc=kind)
@@ -317,7 +317,7 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
             if due_ckpt:  # checkpoint
                 ckpt_path = run.save()
                 if on_checkpoint is not None:
-                    on_checkpoint(run.step)
+                    metrics.image("pictures", on_checkpoint(run.step), run.step)
             if end_of_epoch and main:
                 bar.write(f"epoch {run.epoch + 1}/{t.epochs}  step {run.step}  loss {last_loss:.4f}  lr {lr:.3g}")
     except RuntimeError as e:  # torch reports a dead loader worker wherever the process is
@@ -407,13 +407,14 @@ def _pretrain(cfg: Config, model_cfg, device: torch.device, resume: str | None, 
 
     vis_batch = _picture_batch(dataset, t.vis_images, model_cfg.img_size, d)
 
-    def picture(step: int) -> None:
+    def picture(step: int) -> Path | None:
         # Every process is here; an FSDP model's forward needs them all, any other only rank 0's.
         sharded = dist.world_size() > 1 and t.strategy == "fsdp"
         if vis_batch is not None and (is_main() or sharded):
             grid = reconstruction_grid(model, vis_batch, d.mean, d.std, seed=t.seed)
             if is_main():
-                save_png(grid, Path(cfg.out_dir) / "pictures" / f"recon-{step:08d}.png")
+                return save_png(grid, Path(cfg.out_dir) / "pictures" / f"recon-{step:08d}.png")
+        return None
 
     return fit(model, loss_fn, dataset, optimizer, t, out_dir=cfg.out_dir, config=resolved_config(cfg, model_cfg),
                kind=cfg.method, strict=d.strict, num_workers=d.num_workers, resume=resume, overwrite=overwrite,
