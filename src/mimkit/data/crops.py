@@ -53,14 +53,18 @@ def draw_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[f
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    # The fallback: the whole image, cut to the nearest allowed aspect ratio, centred.
-    if width / height < min(ratio):
-        w, h = width, round(width / min(ratio))
-    elif width / height > max(ratio):
-        w, h = round(height * max(ratio)), height
-    else:
-        w, h = width, height
+    h, w = fallback_size(height, width, ratio)
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+def fallback_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """(h, w) of torchvision's fallback crop, centred when no draw fits: the whole image, cut to the
+    nearest allowed aspect ratio."""
+    if width / height < min(ratio):
+        return round(width / min(ratio)), width
+    if width / height > max(ratio):
+        return height, round(height * max(ratio))
+    return height, width
 
 
 def dct_scale(h: int, w: int, size: int) -> int:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from kornia.geometry.transform import crop_and_resize
 
 from mimkit.config import IMAGENET_MEAN, IMAGENET_STD
+from mimkit.data.crops import fallback_size
 
 
 def normalize(
@@ -50,13 +51,7 @@ def random_resized_crop_params(
     first = fits.to(torch.uint8).argmax(1, keepdim=True)  # argmax returns the first maximum
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
 
-    # Fallback of torchvision: the whole image, cropped to the nearest allowed aspect ratio.
-    if width / height < min(ratio):
-        fw, fh = width, round(width / min(ratio))
-    elif width / height > max(ratio):
-        fw, fh = round(height * max(ratio)), height
-    else:
-        fw, fh = width, height
+    fh, fw = fallback_size(height, width, ratio)  # torchvision's, where no draw fits
     found = fits.any(1)
     w = torch.where(found, w, float(fw))
     h = torch.where(found, h, float(fh))

@@ -89,8 +89,11 @@ class MLflow:
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
             run_id = self.client.create_run(experiment_id, run_name=out_dir.name,
                                             tags={"command": " ".join(sys.argv)}).info.run_id
-            for key, value in _flat(config).items():
-                self.client.log_param(run_id, key, str(value)[:6000])  # MLflow's limit on a value
+            from mlflow.entities import Param
+
+            params = [Param(key, str(value)[:6000]) for key, value in _flat(config).items()]  # MLflow's limits:
+            for i in range(0, len(params), 100):  # 6000 characters a value, 100 params a batch
+                self.client.log_batch(run_id, params=params[i : i + 100])
         self.id = run_id
 
     def scalars(self, record: dict, step: int) -> None:
