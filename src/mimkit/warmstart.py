@@ -21,6 +21,7 @@ from torch import nn
 from mimkit.architecture import architecture_of, fit_pos_embed, infer_architecture, shorten
 from mimkit.config import ConfigError
 from mimkit.convert import read_weights
+from mimkit.hub import is_hub
 
 log = logging.getLogger("mimkit")
 
@@ -36,7 +37,7 @@ def _parts(keys) -> list[str]:
 def init_from(model: nn.Module, source: str | Path) -> dict:
     """Load the weights at `source` into the freshly initialised pretraining `model` (see the module
     docstring), in place. Returns what was taken and what kept its initialisation."""
-    if not str(source).startswith("hf-hub:") and not Path(source).exists():
+    if not is_hub(source) and not Path(source).exists():
         raise ConfigError(f"init: {source}: no such file or directory")
     weights = read_weights(source)
     own_method, own = architecture_of(model)
