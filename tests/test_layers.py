@@ -24,7 +24,8 @@ ALLOWED = {
     "mimkit.architecture": ("mimkit.models", "mimkit.serialization"),
     "mimkit.hub": ("mimkit.metrics", "mimkit.serialization"),
     "mimkit.convert": ("mimkit.architecture", "mimkit.models", "mimkit.serialization", "mimkit.hub"),
-    "mimkit.warmstart": ("mimkit.convert", "mimkit.architecture", "mimkit.hub"),  # weights in, for a run that starts from them
+    # weights in, for a run that starts from them
+    "mimkit.warmstart": ("mimkit.convert", "mimkit.architecture", "mimkit.hub"),
 }
 NEVER = {  # module prefix -> what it must not import
     "mimkit.train": ("mimkit.eval", "mimkit.cli"),
