@@ -38,6 +38,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -361,8 +362,6 @@ def save_onnx(model: nn.Module, path: str | Path, pool: str = "cls") -> Path:
     return Path(path)
 
 
-WRITERS = {"timm": save_timm, "official": save_official, "hf": save_hf, "safetensors": save_safetensors,
-           "onnx": save_onnx}
 
 
 def export(model: nn.Module, out: str | Path, to: str, img_size: int | None = None,
@@ -376,16 +375,13 @@ def export(model: nn.Module, out: str | Path, to: str, img_size: int | None = No
     a timm folder's config; `card` becomes an `hf` folder's README.md; an existing `out` is replaced only
     with `overwrite` (see the module docstring).
     """
-    if to not in WRITERS:
+    writers = {"timm": partial(save_timm, mean=mean, std=std), "official": save_official,
+               "hf": partial(save_hf, card=card), "safetensors": save_safetensors,
+               "onnx": partial(save_onnx, pool=pool)}  # the keys are TARGETS
+    if to not in writers:
         raise WeightsError(f"unknown export target {to!r} (known: {', '.join(TARGETS)})")
     if img_size is not None:
         model = with_img_size(model, img_size)
     if encoder_only:
         model = encoder_of(model)
-    if to == "onnx":
-        return write_new(out, lambda tmp: save_onnx(model, tmp, pool), overwrite)
-    if to == "timm":
-        return write_new(out, lambda tmp: save_timm(model, tmp, mean, std), overwrite)
-    if to == "hf":
-        return write_new(out, lambda tmp: save_hf(model, tmp, card), overwrite)
-    return write_new(out, lambda tmp: WRITERS[to](model, tmp), overwrite)
+    return write_new(out, lambda tmp: writers[to](model, tmp), overwrite)

@@ -24,12 +24,11 @@ import math
 import os
 import random
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mimkit.data.decode import open_image, to_rgb
+from mimkit.data.decode import chw, decode_image, open_image, to_rgb
 
 DCT_SCALES = (8, 4, 2, 1)  # what libjpeg can decode at: 1/8, 1/4, 1/2 and full size
 
@@ -95,12 +94,10 @@ class RandomResizedCrop:
             rgb = to_rgb(im)
         if reduce > 1:  # the box falls between decoded pixels: PIL resamples a fractional box exactly
             box = (left / reduce, top / reduce, (left + w) / reduce, (top + h) / reduce)
-            small = rgb.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
-            return torch.from_numpy(np.array(small, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+            return chw(rgb.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)).contiguous()
         # A whole-pixel box: torch's uint8 antialiased bicubic is PIL's filter (a = -0.5), rounded and
         # saturated like PIL's, and about 5x faster than PIL's resize.
-        pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
-        out = F.interpolate(pixels[None, :, top : top + h, left : left + w], size=(self.size, self.size),
+        out = F.interpolate(chw(rgb)[None, :, top : top + h, left : left + w], size=(self.size, self.size),
                             mode="bicubic", antialias=True, align_corners=False)
         return out[0].contiguous()
 
@@ -116,3 +113,20 @@ def _draft(im: Image.Image, h: int, w: int, size: int) -> int:
     width = im.width
     drafted = im.draft(None, (im.width // s, im.height // s))
     return 1 if drafted is None else round(width / drafted[1][2])
+
+
+def split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
+    """A map-style dataset's key as (index, epoch key or None): the sampler of a dataset with a crop
+    yields (index, epoch key) pairs (`loader.ResumableSampler(keyed=True)`), everything else indices."""
+    return key if isinstance(key, tuple) else (key, None)
+
+
+def sample_image(src: str | os.PathLike | bytes, load_size: int, crop: RandomResizedCrop | None = None,
+                 key: int | None = None, index: int = 0) -> torch.Tensor:
+    """What a dataset item holds, for every source: without an epoch `key` the image resized to
+    `load_size` and center-cropped (evaluation, pictures); with one, sample `index`'s training crop."""
+    if key is None:
+        return decode_image(src, load_size)
+    if crop is None:
+        raise ValueError(f"sample {index} asked for a training crop (epoch key {key}) of a dataset built without one")
+    return crop(src, key, index)

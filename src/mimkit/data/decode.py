@@ -78,8 +78,13 @@ def read_image(src: str | os.PathLike | bytes, make: Callable[[Image.Image], Ima
     """`make(image)` as uint8 (3, H, W), for the image file `src` opened (see `open_image`); `make`
     returns an RGB image."""
     with open_image(src) as im:
-        array = np.array(make(im), dtype=np.uint8)  # (H, W, 3); decoding truncated data raises here
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        pixels = chw(make(im))  # decoding truncated data raises here
+    return pixels.contiguous()
+
+
+def chw(rgb: Image.Image) -> torch.Tensor:
+    """An RGB image's pixels as uint8 (3, H, W), a view of one (H, W, 3) copy."""
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
 
 
 @contextmanager

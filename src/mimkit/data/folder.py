@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mimkit.data.crops import RandomResizedCrop
-from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample, decode_image
+from mimkit.data.crops import RandomResizedCrop, sample_image, split_key
+from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,10 @@ class ImageFolder(Dataset):
         return os.path.join(self.root, os.fsdecode(self._paths[i]))
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
-        i, epoch_key = key if isinstance(key, tuple) else (key, None)
-        if epoch_key is not None and self.crop is None:
-            raise ValueError(f"ImageFolder[{i}, {epoch_key}]: a keyed item needs a dataset built with a crop")
+        i, epoch_key = split_key(key)
         path, label = self.path(i), int(self.labels[i])
         try:
-            if epoch_key is None:
-                return Sample(decode_image(path, self.load_size), label, path)
-            return Sample(self.crop(path, epoch_key, i), label, path)
+            return Sample(sample_image(path, self.load_size, self.crop, epoch_key, i), label, path)
         except BadImageError as e:
             return Sample(None, label, path, e.reason)
 

@@ -19,8 +19,8 @@ import os
 import torch
 from torch.utils.data import Dataset
 
-from mimkit.data.crops import RandomResizedCrop
-from mimkit.data.decode import BadImageError, DataError, Sample, decode_image
+from mimkit.data.crops import RandomResizedCrop, sample_image, split_key
+from mimkit.data.decode import BadImageError, DataError, Sample
 from mimkit.data.folder import spread
 
 
@@ -98,9 +98,7 @@ class HFImageDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
-        i, epoch_key = key if isinstance(key, tuple) else (key, None)
-        if epoch_key is not None and self.crop is None:
-            raise ValueError(f"HFImageDataset[{i}, {epoch_key}]: a keyed item needs a dataset built with a crop")
+        i, epoch_key = split_key(key)
         row, label = self.rows[i], int(self.labels[i])
         where = f"{self.root}[{row}]"
         value = self.ds[row][self.image_column]
@@ -108,7 +106,7 @@ class HFImageDataset(Dataset):
         if not isinstance(src, (bytes, str)) or not src:
             return Sample(None, label, where, f"column {self.image_column!r} holds no image bytes or path")
         try:
-            image = decode_image(src, self.load_size) if epoch_key is None else self.crop(src, epoch_key, i)
+            image = sample_image(src, self.load_size, self.crop, epoch_key, i)
         except BadImageError as e:
             return Sample(None, label, where, e.reason)
         return Sample(image, label, where)

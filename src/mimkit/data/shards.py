@@ -45,8 +45,8 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mimkit.data.crops import RandomResizedCrop, epoch_key
-from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample, decode_image, open_image, to_rgb
+from mimkit.data.crops import RandomResizedCrop, epoch_key, sample_image
+from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample, open_image, to_rgb
 from mimkit.data.folder import ImageFolder
 
 INDEX = "index.json"
@@ -294,10 +294,11 @@ _LABEL = re.compile(rb"\s*(\d{1,10})\s*")
 
 
 def _decode(path: str, stem: str, fields: dict[str, bytes], load_size: int, num_classes: int = 0,
-            crop: tuple[RandomResizedCrop, int, int] | None = None) -> Sample:
-    """A sample's image decoded (resized to `load_size` and center-cropped, or with `crop` = (crop,
-    epoch key, position) its training crop), or why not; its label from the `cls` field (-1 when there
-    is none), which must lie in 0 .. num_classes - 1 (any 32-bit label when the index lists no classes)."""
+            crop: RandomResizedCrop | None = None, key: int | None = None, position: int = 0) -> Sample:
+    """A sample's image (`crops.sample_image`: resized to `load_size` and center-cropped, or with an
+    epoch `key` the training crop for its `position` in the epoch), or why not; its label from the `cls`
+    field (-1 when there is none), which must lie in 0 .. num_classes - 1 (any 32-bit label when the
+    index lists no classes)."""
     image_ext = next((e for e in fields if "." + e in IMG_EXTENSIONS), None)
     where = f"{path}:{stem}.{image_ext or '?'}"
     label, bad = -1, fields.get(BAD, b"").decode()
@@ -313,9 +314,7 @@ def _decode(path: str, stem: str, fields: dict[str, bytes], load_size: int, num_
         reason = "no image in this sample" if fields else "missing from the shard (truncated or corrupt tar?)"
         return Sample(None, label, where, reason)
     try:
-        data = fields[image_ext]
-        image = decode_image(data, load_size) if crop is None else crop[0](data, *crop[1:])
-        return Sample(image, label, where)
+        return Sample(sample_image(fields[image_ext], load_size, crop, key, position), label, where)
     except BadImageError as e:
         return Sample(None, label, where, e.reason)
 
@@ -425,7 +424,7 @@ class ShardDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         first, end, skip = self._worker_range(worker, workers)
         shards, size = self._epoch_shards(), self.shuffle_buffer
-        key = epoch_key(self.seed, self.epoch)
+        key = None if self.crop is None else epoch_key(self.seed, self.epoch)  # None: no training crops
         block = skip // size  # whole blocks before the resume point are not even read
         for lo in range(first + block * size, end, size):
             raw = list(enumerate(self._read(shards, lo, min(lo + size, end)), start=lo))
@@ -435,8 +434,7 @@ class ShardDataset(IterableDataset):
             if lo == first + block * size:
                 raw = raw[skip - block * size :]
             for position, (path, stem, fields) in raw:  # a crop is drawn for the sample's place in the epoch
-                crop = None if self.crop is None else (self.crop, key, position)
-                yield _decode(path, stem, fields, self.load_size, len(self.classes), crop)
+                yield _decode(path, stem, fields, self.load_size, len(self.classes), self.crop, key, position)
 
     def first(self, n: int) -> list[Sample]:
         """The first `n` samples in shard order (e.g. for a fixed set of pictures)."""

@@ -20,7 +20,12 @@ def normalize(
     images: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> torch.Tensor:
     """Pixels in [0, 255] (uint8 or float, (B, 3, H, W)) -> float32 (x / 255 - mean) / std."""
-    return _normalize_(images.float() if images.dtype != torch.float32 else images.clone(), mean, std)
+    return _normalize_(_float_copy(images), mean, std)
+
+
+def _float_copy(images: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor of `images` that this call owns (float() of a float32 tensor is the tensor itself)."""
+    return images.float() if images.dtype != torch.float32 else images.clone()
 
 
 def _normalize_(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -104,7 +109,7 @@ class PretrainAugment:
             if (height, width) != (self.size, self.size):
                 raise ValueError(f"PretrainAugment(crop=False) expects {self.size} x {self.size} crops, got "
                                  f"{height} x {width}")
-            x = images.float() if images.dtype != torch.float32 else images.clone()
+            x = _float_copy(images)
         else:
             x = self._crop(images, generator)
         if self.hflip:

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> module it needs
 IDS = "trackers.json"
 
 
