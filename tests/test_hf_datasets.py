@@ -98,3 +98,18 @@ def test_pretraining_resumes_exactly_and_evaluates(saved, tmp_path):
     assert main(["eval", "knn", ckpt, f"out_dir={tmp_path / 'knn'}"]) == 0  # data section from the checkpoint
     result = json.loads((tmp_path / "knn" / "results.json").read_text())
     assert 0 <= result["top1"] <= 100 and result["config"]["data"]["dataset"] == "hf"
+
+
+def test_a_path_column_naming_a_fifo_is_a_counted_skip_not_a_hang(tmp_path):
+    """Paths in a dataset can name anything: a FIFO would block the decoder forever."""
+    import os
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "ok.jpg").write_bytes(_jpeg(1))
+    features = datasets.Features({"image": datasets.Value("string"), "label": datasets.ClassLabel(names=["a"])})
+    rows = {"image": [str(fifo), str(tmp_path / "ok.jpg")], "label": [0, 0]}  # a column of paths
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    ds = build_dataset("hf", str(tmp_path / "saved"), "train", 32, load_size=32, cache_dir=str(tmp_path))
+    assert ds[0].image is None and ds[0].reason == "not a regular file"
+    assert ds[1].image.shape == (3, 32, 32)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from mimkit.config import ConfigError, load_config
+from mimkit.train.checkpoint import TrainingError
 from mimkit.train.loop import pretrain
 
 ARGS = ["method=mae", "model.preset=mae_vit_tiny_cifar_patch4", "model.depth=1", "model.decoder_depth=1",
@@ -115,3 +116,15 @@ def test_an_unknown_or_repeated_tracker_is_one_line():
         load_config(None, ["train.trackers=[neptune]"])
     with pytest.raises(ConfigError, match=r"^train.trackers: each at most once, got \['tensorboard', 'tensorboard'\]$"):
         load_config(None, ["train.trackers=[tensorboard,tensorboard]"])
+
+
+def test_a_damaged_trackers_file_stops_the_resume_in_one_line(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = load_config(None, [*ARGS, "train.trackers=[tensorboard]", "train.epochs=1",
+                             f"data.cache_dir={tmp_path / 'c'}", f"out_dir={tmp_path / 'run'}"])
+    pretrain(cfg)
+    (tmp_path / "run" / "trackers.json").write_text('{"tensorboard": 3')
+    with pytest.raises(TrainingError, match=r"^.*trackers\.json: unreadable \(JSONDecodeError: .*\); delete it to "
+                                            r"start new tracker runs$"):
+        pretrain(load_config(None, [*ARGS, "train.trackers=[tensorboard]", "train.epochs=2",
+                                    f"data.cache_dir={tmp_path / 'c'}", f"out_dir={tmp_path / 'run'}"]), resume="auto")

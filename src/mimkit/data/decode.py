@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -91,10 +92,13 @@ def chw(rgb: Image.Image) -> torch.Tensor:
 def open_image(src: str | os.PathLike | bytes) -> Iterator[Image.Image]:
     """The image file `src` (path or bytes) opened, its pixels not yet decoded (so that a crop can ask
     for less, `Image.draft`), at most MAX_IMAGE_PIXELS. Anything unreadable, also while the body of
-    the `with` decodes it, raises BadImageError."""
+    the `with` decodes it, raises BadImageError; so does a path that is not a regular file (a FIFO
+    would block the reader, a device never end), wherever the path came from."""
     src = src if isinstance(src, bytes) else os.fspath(src)
     name = src if isinstance(src, str) else "<bytes>"
     try:
+        if isinstance(src, str) and not stat.S_ISREG(os.stat(src).st_mode):
+            raise BadImageError(name, "not a regular file")
         if (len(src) if isinstance(src, bytes) else os.path.getsize(src)) == 0:
             raise BadImageError(name, "empty file")
         with Image.open(src if isinstance(src, str) else io.BytesIO(src)) as im:

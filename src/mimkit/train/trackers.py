@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from mimkit.train.checkpoint import TrainingError
+
 IDS = "trackers.json"
 
 
@@ -111,12 +113,24 @@ class MLflow:
 KINDS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
 
 
+def _read_ids(path: Path) -> dict[str, str]:
+    """The tracker run ids a run recorded: {tracker: id}; anything else there is a one-line error."""
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainingError(f"{path}: unreadable ({type(e).__name__}: {e}); delete it to start new tracker "
+                            "runs") from None
+    if not isinstance(ids, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ids.items()):
+        raise TrainingError(f"{path}: not a {{tracker: run id}} object; delete it to start new tracker runs")
+    return ids
+
+
 def open_trackers(names, out_dir: str | Path, config: dict, resume: bool) -> list:
     """The trackers `names` for the run in `out_dir`; with `resume`, the tracker runs it logged to
     before (out_dir/trackers.json, written atomically here)."""
     out_dir = Path(out_dir)
     ids_file = out_dir / IDS
-    ids = json.loads(ids_file.read_text()) if resume and ids_file.is_file() else {}
+    ids = _read_ids(ids_file) if resume and ids_file.is_file() else {}
     trackers = [KINDS[name](out_dir, config, ids.get(name)) for name in names]
     tmp = ids_file.with_name(IDS + ".tmp")
     tmp.write_text(json.dumps({name: t.id for name, t in zip(names, trackers)}) + "\n")
