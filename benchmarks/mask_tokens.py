@@ -72,7 +72,7 @@ def run(name: str, batch: int, rounds: int, steps: int) -> dict:
     torch.manual_seed(0)
     mae = build_model("mae", MODELS[name]).train()
     g = torch.Generator().manual_seed(0)
-    imgs = torch.randn(batch, 3, mae.img_size, mae.img_size, generator=g)
+    imgs = torch.randn(batch, 3, *mae.img_size, generator=g)
     noise = torch.rand(batch, mae.patch_embed.num_patches, generator=g)
     ablation = AllTokensMAE(mae).train()
     # One optimizer over the shared weights (the visible step leaves the encoder mask token's grad None).

@@ -43,7 +43,7 @@ def measure(name: str, checkpointing: bool, batch: int, device: str) -> int:
     if checkpointing:
         checkpoint_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
-    imgs = torch.randn(batch, 3, model.img_size, model.img_size, device=device)
+    imgs = torch.randn(batch, 3, *model.img_size, device=device)
     g = torch.Generator().manual_seed(0)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

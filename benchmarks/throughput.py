@@ -101,7 +101,7 @@ def run_config(name: str, rounds: int, steps: int, batch: int | None = None, com
     ours = build_model("mae", spec["model"]).train()
     hf_cfg = hf_config_from_mae(ours.cfg)
     g = torch.Generator().manual_seed(0)
-    imgs = torch.randn(spec["batch"], 3, ours.img_size, ours.img_size, generator=g)
+    imgs = torch.randn(spec["batch"], 3, *ours.img_size, generator=g)
     noise = torch.rand(spec["batch"], ours.patch_embed.num_patches, generator=g)
     contenders = {"mimkit": make_step(ours, imgs, noise, reference=False, precision=precision)}
     if compiled:
@@ -143,7 +143,7 @@ def run_cae_config(name: str, rounds: int, steps: int, precision: str = "fp32") 
     torch.manual_seed(0)
     model = build_model("cae", spec["model"]).train()
     g = torch.Generator().manual_seed(0)
-    imgs = torch.randn(spec["batch"], 3, model.img_size, model.img_size, generator=g)
+    imgs = torch.randn(spec["batch"], 3, *model.img_size, generator=g)
     n = model.patch_embed.num_patches
     mask = block_mask(spec["batch"], model.patch_embed.grid_size, n - num_kept(n, model.cfg.mask_ratio),
                       min_block=model.cfg.mask_min_block or None, generator=g)

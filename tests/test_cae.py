@@ -89,7 +89,7 @@ def test_cifar_tiny_encoder_sees_visible_then_masked_patches_only():
     assert out.pred.shape == (3, 32, 48) and out.mask.sum(1).tolist() == [32] * 3
     visible = model.patch_embed.num_patches - out.mask.sum(1)
     assert visible.tolist() == [32] * 3 and torch.isfinite(out.loss)
-    with pytest.raises(ValueError, match="expected images of 32x32"):
+    with pytest.raises(ValueError, match="expected images of 3 x 32 x 32"):
         model(torch.randn(1, 3, 64, 64))
 
 
@@ -239,7 +239,7 @@ def test_token_targets_use_cross_entropy_on_the_tokenizer_codes():
     imgs = torch.randn(2, 3, 32, 32)
     out = model(imgs, generator=torch.Generator().manual_seed(0))  # builds the random tokenizer on first use
     tokenizer = model.tokenizer()
-    codes = token_target(imgs, tokenizer, 8, model.cfg.image_mean, model.cfg.image_std)  # 64 px for an 8 x 8 grid
+    codes = token_target(imgs, tokenizer, (8, 8), model.cfg.image_mean, model.cfg.image_std)  # 64 px for an 8 x 8 grid
     assert codes.shape == (2, 64) and codes.dtype == torch.int64
     labels = codes[out.mask].view(2, 32)
     torch.testing.assert_close(out.logs["loss_recon"], F.cross_entropy(out.pred.flatten(0, 1), labels.flatten()))

@@ -363,7 +363,7 @@ def test_pos_embed_interpolation_at_load_and_export(tmp_path):
     same = load(tmp_path / "m.safetensors", img_size=56)
     assert torch.equal(same.pos_embed, model.pos_embed)
     big = load(tmp_path / "m.safetensors", img_size=64)  # 16x16
-    assert big.img_size == 64 and torch.equal(big.pos_embed[:, 0], model.pos_embed[:, 0])
+    assert big.img_size == (64, 64) and torch.equal(big.pos_embed[:, 0], model.pos_embed[:, 0])
     torch.testing.assert_close(big.pos_embed, _reference_bicubic(model.pos_embed, 16), atol=1e-6, rtol=0)
     assert big(torch.zeros(1, 3, 64, 64)).shape == (1, 192)
     # at export: the timm file and the HF config describe the new resolution
@@ -507,7 +507,7 @@ def test_cli_export_and_convert_end_to_end(tmp_path, capsys):
     assert main(["export", str(ckpt), "--to", "timm", "--out", str(tmp_path / "t.safetensors"),
                  "--img-size", "48"]) == 0
     t = load(tmp_path / "t.safetensors")
-    assert type(t) is VisionTransformer and t.img_size == 48
+    assert type(t) is VisionTransformer and t.img_size == (48, 48)
     assert main(["export", str(ckpt), "--to", "official", "--out", str(tmp_path / "o.pth")]) == 0
     _same_weights(load(tmp_path / "o.pth"), model)
     assert main(["export", str(ckpt), "--to", "hf", "--encoder-only", "--out", str(tmp_path / "enc")]) == 0

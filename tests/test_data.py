@@ -139,7 +139,7 @@ def test_folder_without_classes_and_with_split_subfolders(tmp_path):
     flat.mkdir()
     Image.new("RGB", (10, 7)).save(flat / "x.png")
     ds = build_dataset("folder", str(flat), "train", img_size=224)
-    assert ds.load_size == 256 and ds.labels.tolist() == [0] and ds[0].image.shape == (3, 256, 256)
+    assert ds.load_size == (256, 256) and ds.labels.tolist() == [0] and ds[0].image.shape == (3, 256, 256)
 
     for split, n in (("train", 3), ("test", 2)):
         for k in range(n):

@@ -123,7 +123,7 @@ def test_presets_have_paper_sizes():
 
 def test_bad_input_size_is_named():
     model = build_model("mae", preset="mae_vit_tiny_cifar_patch4")
-    with pytest.raises(ValueError, match=r"expected images of 32x32, got \(1, 3, 64, 64\)"):
+    with pytest.raises(ValueError, match=r"expected images of 3 x 32 x 32, got \(1, 3, 64, 64\)"):
         model(torch.randn(1, 3, 64, 64))
 
 

@@ -30,7 +30,7 @@ def test_forward_and_gradients_match_transformers(size, norm_pix):
     ours, ref = _pair(size, norm_pix)
     n = ours.patch_embed.num_patches
     g = torch.Generator().manual_seed(1)
-    imgs = torch.randn(3, 3, ours.img_size, ours.img_size, generator=g)
+    imgs = torch.randn(3, 3, *ours.img_size, generator=g)
     noise = torch.rand(3, n, generator=g)
 
     out = ours(imgs, noise=noise)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from mimkit.config import ConfigError
+from mimkit.config import ConfigError, size_pair
 from mimkit.serialization import WeightsError
 
 
@@ -88,7 +88,12 @@ def infer_architecture(state: Mapping[str, Tensor], given: Mapping | None = None
     D, C, p, _ = state["patch_embed.proj.weight"].shape
     depth = _depth(state, "blocks", where)
     fc1 = state.get("blocks.0.mlp.fc1.weight")
-    cfg = dict(img_size=_grid(state["pos_embed"], "pos_embed", where) * p, patch_size=p, in_chans=C, embed_dim=D,
+    grid = grid_of(state, given)
+    if grid is not None and grid[0] * grid[1] != state["pos_embed"].shape[1] - 1:
+        raise WeightsError(f"{where}: pos_embed of shape {tuple(state['pos_embed'].shape)} does not fit img_size "
+                           f"{given['img_size']} with patch {p}")
+    img = given["img_size"] if grid is not None else _grid(state["pos_embed"], "pos_embed", where) * p
+    cfg = dict(img_size=img, patch_size=p, in_chans=C, embed_dim=D,
                depth=depth, num_heads=HEADS.get(D), mlp_ratio=fc1.shape[0] / D if fc1 is not None else 4.0)
     if "decoder_embed.weight" in state:
         method = "mae"
@@ -152,8 +157,12 @@ def architecture_of(model: nn.Module) -> tuple[str, dict]:
 
 def describe(method: str, cfg: Mapping) -> str:
     """One line: `mae ViT 768x12 (12 heads), patch 16, 224 px, decoder 512x8`."""
+    img = cfg.get("img_size")
+    img = "x".join(map(str, img)) if isinstance(img, (list, tuple)) else img
     s = (f"{method} ViT {cfg.get('embed_dim')}x{cfg.get('depth')} ({cfg.get('num_heads')} heads), "
-         f"patch {cfg.get('patch_size')}, {cfg.get('img_size')} px")
+         f"patch {cfg.get('patch_size')}, {img} px")
+    if cfg.get("in_chans", 3) != 3:
+        s += f", {cfg['in_chans']} channels"
     if cfg.get("decoder_embed_dim"):
         s += f", decoder {cfg['decoder_embed_dim']}x{cfg['decoder_depth']}"
     if cfg.get("num_classes"):
@@ -166,27 +175,44 @@ def describe(method: str, cfg: Mapping) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def fit_pos_embed(state: Mapping[str, Tensor], grid: int) -> dict[str, Tensor]:
-    """Resize every (1, 1 + n*n, D) position embedding in `state` to a grid x grid patch grid,
-    bicubic, keeping the cls row (`resample_pos_embed`, as MAE's `interpolate_pos_embed` and timm).
-    Same grid: unchanged."""
+def fit_pos_embed(state: Mapping[str, Tensor], grid: tuple[int, int],
+                  source: tuple[int, int] | None = None) -> dict[str, Tensor]:
+    """Resize every (1, 1 + h*w, D) position embedding in `state`, of the `source` grid (None: a square
+    one), to a grid of h' x w' patches, bicubic, keeping the cls row (`resample_pos_embed`, as MAE's
+    `interpolate_pos_embed` and timm). Same grid: unchanged."""
     from mimkit.models.vit import resample_pos_embed
 
     out = dict(state)
     for key in POS_EMBED_KEYS:
-        if key in out and out[key].ndim == 3 and out[key].shape[1] != grid * grid + 1:
-            _grid(out[key], key, "weights")
-            out[key] = resample_pos_embed(out[key], grid)
+        if key not in out or out[key].ndim != 3:
+            continue
+        src = source or (_grid(out[key], key, "weights"),) * 2
+        if tuple(src) != tuple(grid):
+            if src[0] * src[1] != out[key].shape[1] - 1:
+                raise WeightsError(f"weights: {key} of shape {tuple(out[key].shape)} is not a {src[0]} x {src[1]} "
+                                   "grid of patches plus a cls row")
+            out[key] = resample_pos_embed(out[key], grid, source=src)
     return out
 
 
-def target_grid(cfg: Mapping) -> int | None:
+def grid_of(state: Mapping[str, Tensor], config: Mapping) -> tuple[int, int] | None:
+    """(h, w) patches the weights were made for, when their `config` states img_size (a rectangle is
+    not read off a position embedding); else None (a square grid, read off `pos_embed`)."""
+    weight = state.get("patch_embed.proj.weight")
+    if config.get("img_size") is None or weight is None:
+        return None
+    return target_grid({"img_size": config["img_size"], "patch_size": weight.shape[-1]})
+
+
+def target_grid(cfg: Mapping) -> tuple[int, int] | None:
+    """(h, w) patches of a model config (None when it lacks img_size or patch_size)."""
     img, patch = cfg.get("img_size"), cfg.get("patch_size")
     if img is None or patch is None:
         return None
-    if img % patch:
+    h, w = size_pair(img)
+    if h % patch or w % patch:
         raise ConfigError(f"img_size {img} is not a multiple of the patch size {patch}")
-    return img // patch
+    return h // patch, w // patch
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], what: str = "weights") -> None:
@@ -212,13 +238,14 @@ def load_checked(model: nn.Module, state: Mapping[str, Tensor], what: str = "wei
 
 
 
-def with_img_size(model: nn.Module, img_size: int) -> nn.Module:
-    """A copy of `model` for `img_size` pixels, position embeddings resampled (bicubic); same size: `model`."""
-    if img_size == model.img_size:
+def with_img_size(model: nn.Module, img_size: int | tuple[int, int]) -> nn.Module:
+    """A copy of `model` for `img_size` pixels (a side or (H, W)), position embeddings resampled (bicubic);
+    same size: `model`."""
+    if size_pair(img_size) == model.img_size:
         return model
     method, cfg = architecture_of(model)
     cfg = dict(cfg, img_size=img_size)
-    state = fit_pos_embed(model.state_dict(), target_grid(cfg))
+    state = fit_pos_embed(model.state_dict(), target_grid(cfg), model.patch_embed.grid_size)
     new = load_checked(build_architecture(method, cfg), state, "resampled weights")
     return new.to(model.cls_token.device).train(model.training)
 

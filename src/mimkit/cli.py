@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import typing
@@ -114,13 +115,13 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     model = load(weights)
     given = {k: v for k, v in (("root", args.data), ("dataset", args.dataset), ("split", args.split)) if v is not None}
     d = from_dict(DataConfig, weights.data | given, prefix="data.")
-    dataset = dataset_of(d, model.img_size, limit=0, strict=False)
+    dataset = dataset_of(d, model.img_size, limit=0, strict=False, channels=model.in_chans)
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(dataset), generator=g)[: args.num * 2].tolist()
     imgs = [x for x in (dataset[i][0] for i in idx) if x is not None][: args.num]
     batch = EvalTransform(model.img_size, crop_pct=1.0, mean=d.mean, std=d.std)(torch.stack(imgs))
     out = args.out or str(Path(args.checkpoint).with_suffix(".png"))
-    print(save_reconstruction(model, batch, out, d.mean, d.std, seed=args.seed))
+    print(save_reconstruction(model, batch, out, d.mean, d.std, seed=args.seed, bands=d.rgb_bands))
 
 
 WEIGHTS_EPILOG = """sources: a mimkit checkpoint or converted file; an official MAE checkpoint (mae_pretrain_vit_*.pth,
@@ -142,9 +143,18 @@ EXPORT_DESCRIPTION = """Load weights (any supported format) and write them for a
                (needs pip install 'mimkit[onnx]')"""
 
 
+def _size(text: str) -> int | tuple[int, int]:
+    """`224` or `224x320` (height x width) from the command line."""
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a side nor HEIGHTxWIDTH in pixels")
+    return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+
+
 def _add_weight_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--img-size", type=int, default=None, metavar="PX",
-                   help="resample the position embeddings (bicubic) to this resolution in pixels")
+    p.add_argument("--img-size", type=_size, default=None, metavar="PX",
+                   help="resample the position embeddings (bicubic) to this resolution in pixels: a side, or "
+                        "HEIGHTxWIDTH")
     p.add_argument("--num-heads", type=int, default=None, metavar="N",
                    help="encoder attention heads, for widths outside 192/384/768/1024/1280")
     p.add_argument("--decoder-num-heads", type=int, default=None, metavar="N",
@@ -211,10 +221,31 @@ def cmd_data_shard(args: argparse.Namespace) -> None:
           f"shard(s) in {args.out} (index.json lists them); train with data.dataset=shards data.root={args.out}")
 
 
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    from mimkit.data.stats import channel_stats
+
+    stats = channel_stats(args.folder, args.channels, args.limit)
+    for path, reason in stats["skipped"][:5]:
+        print(f"skipped {path}: {reason}")
+    print(f"{stats['images']} images, {stats['pixels']} pixels per channel, {len(stats['skipped'])} skipped")
+    print(f"data.mean={json.dumps(stats['mean'])} data.std={json.dumps(stats['std'])}")
+
+
 def _add_data_parser(sub) -> None:
-    """`mimkit data shard`."""
-    p = sub.add_parser("data", help="prepare data: `mimkit data shard FOLDER OUT` writes WebDataset tar shards")
+    """`mimkit data shard` and `mimkit data stats`."""
+    p = sub.add_parser("data", help="prepare data: `mimkit data shard FOLDER OUT` writes WebDataset tar shards; "
+                       "`mimkit data stats FOLDER` prints data.mean and data.std")
     data_sub = p.add_subparsers(dest="data_command", required=True)
+    stats = data_sub.add_parser("stats", help="per-channel mean and std of an image folder (data.mean, data.std)",
+                                description="Mean and std of every channel over every pixel of FOLDER's images and "
+                                ".npy arrays, on the 0..1 scale of their type (8-bit: x / 255, 16-bit: x / 65535, "
+                                "float: as stored): the values data.mean and data.std take.")
+    stats.add_argument("folder", metavar="FOLDER", help="an image folder (class sub-folders, or files directly in it)")
+    stats.add_argument("--channels", type=int, default=3, metavar="N", help="channels of the images: model.in_chans "
+                       "(default 3)")
+    stats.add_argument("--limit", type=int, default=0, metavar="N", help="only N files spread over the folder "
+                       "(default 0: all)")
+    stats.set_defaults(func=cmd_data_stats)
     p = data_sub.add_parser("shard", help="write an image folder as WebDataset tar shards plus index.json",
                             description="Write the images of FOLDER (class sub-folders, or images directly in it) as "
                             "OUT/shard-000000.tar, ... (members NNNNNN.jpg/.png + NNNNNN.cls, the file bytes "

@@ -28,6 +28,22 @@ import yaml
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+def size_pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(height, width) of a size given as one int (a square) or as [height, width]."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def check_size(key: str, size, minimum: int = 1) -> tuple[int, int]:
+    """`size_pair(size)`, every side at least `minimum`."""
+    h, w = size_pair(size)
+    if min(h, w) < minimum:
+        shown = size if isinstance(size, int) else list(size)
+        raise ConfigError(f"{key}: every side must be >= {minimum}, got {shown}")
+    return h, w
+
 
 class ConfigError(ValueError):
     """A bad configuration value or key; the message is one line and names the dotted key."""
@@ -36,16 +52,18 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     dataset: str = "cifar10"
-    """`cifar10`, `folder` (class sub-folders of images; any image mode is converted to RGB), `shards`
-    (WebDataset tar shards written by `mimkit data shard`, streamed) or `hf` (a Hugging Face `datasets` dataset)."""
+    """`cifar10`, `folder` (class sub-folders of images or `.npy` arrays, read with `model.in_chans` channels),
+    `shards` (WebDataset tar shards written by `mimkit data shard`, streamed) or `hf` (a Hugging Face `datasets`
+    dataset)."""
     root: str = "builtin"
     """cifar10: `builtin` (the subset shipped with mimkit), `download`, a folder or a .tar.gz; folder: a directory;
     shards: their folder, or a brace/glob pattern such as `/disk{1,2}/in1k/shard-{000000..000127}.tar`; hf: a
     `save_to_disk` folder, a folder of parquet/arrow files, or a Hub dataset id."""
     split: str = "train"
     """`train` or `test`; a folder dataset uses `root/split` when it exists, else `root`."""
-    load_size: int = 0
-    """Folders and shards, for evaluation and pictures: workers resize the shorter side to this and center-crop;
+    load_size: int | tuple[int, int] = 0
+    """Folders and shards, for evaluation and pictures: workers resize the image to cover this and center-crop
+    it ([height, width]; one int: the shorter side, the longer one in the model's aspect ratio);
     0 = img_size * 256 / 224 (pretraining crops come from the original image)."""
     scale: tuple[float, float] = (0.2, 1.0)
     """RandomResizedCrop area range (MAE: 0.2-1.0; CAE: 0.08-1.0)."""
@@ -53,10 +71,14 @@ class DataConfig:
     """RandomResizedCrop aspect-ratio range."""
     hflip: bool = True
     """Random horizontal flip with probability 0.5."""
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    """Normalisation mean (ImageNet)."""
-    std: tuple[float, float, float] = IMAGENET_STD
-    """Normalisation std (ImageNet)."""
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    """Normalisation mean per channel (ImageNet's RGB; one value per `model.in_chans`, on the 0-1 scale of the
+    file's type: `mimkit data stats` computes them)."""
+    std: tuple[float, ...] = IMAGENET_STD
+    """Normalisation std per channel (ImageNet's RGB)."""
+    rgb_bands: tuple[int, ...] = ()
+    """Pictures of data that is not RGB: the three channels shown as R, G, B (default: the first three; one
+    channel is shown as grey)."""
     num_workers: int = 2
     """DataLoader worker processes that decode files (0 = decode in the main process)."""
     strict: bool = False
@@ -90,7 +112,12 @@ class DataConfig:
                 raise ConfigError(f"data.{name}: must be finite, got {list(values)}")
         if not all(v > 0 for v in self.std):
             raise ConfigError(f"data.std: every value must be > 0, got {list(self.std)}")
-        check_nonneg("data.load_size", self.load_size)
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ConfigError(f"data.mean and data.std: one value per channel each, got {len(self.mean)} and "
+                              f"{len(self.std)}")
+        check_size("data.load_size", self.load_size, minimum=0)
+        if self.rgb_bands and (len(self.rgb_bands) != 3 or min(self.rgb_bands) < 0):
+            raise ConfigError(f"data.rgb_bands: three channel indices (R, G, B), got {list(self.rgb_bands)}")
         check_nonneg("data.limit", self.limit)
         check_nonneg("data.num_workers", self.num_workers)
 
@@ -319,8 +346,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        return _coerce(value, tp, key)
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(value, options[0], key)
+        for option in options:  # int | tuple[int, int]: the first that takes the value
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        names = " or ".join("a list" if typing.get_origin(a) is tuple else a.__name__ for a in options)
+        raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):

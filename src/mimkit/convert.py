@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from mimkit.architecture import (
     build_architecture,
     fit_pos_embed,
+    grid_of,
     infer_architecture,
     load_checked,
     method_fields,
@@ -164,7 +165,11 @@ def _hints_from_hf_config(hf: Mapping, where: str) -> dict:
                            "'vit_mae' models")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise WeightsError(f"{where}: hidden_act {hf['hidden_act']!r}; mimkit's ViT uses the exact (erf) 'gelu'")
-    hints = {"num_heads": hf.get("num_attention_heads")}
+    size = hf.get("image_size")
+    sides = size if isinstance(size, list) and len(size) == 2 else [size]
+    if size is not None and not all(type(v) is int and v > 0 for v in sides):
+        raise WeightsError(f"{where}: image_size {size!r} is neither a side nor [height, width] in pixels")
+    hints = {"num_heads": hf.get("num_attention_heads"), "img_size": tuple(size) if isinstance(size, list) else size}
     if kind == "vit_mae":
         hints |= {"decoder_num_heads": hf.get("decoder_num_attention_heads"), "mask_ratio": hf.get("mask_ratio"),
                   "norm_pix_loss": hf.get("norm_pix_loss")}
@@ -364,7 +369,9 @@ def resolve_architecture(weights: Weights, overrides: Mapping) -> tuple[str, dic
     if weights.method is not None:
         method, cfg = weights.method, dict(weights.config)
     else:
-        method, cfg = infer_architecture(weights.state, {**weights.config, **overrides}, weights.name)
+        # img_size= among the overrides is where to resample to, not what the weights were made for
+        given = {**weights.config, **{k: v for k, v in overrides.items() if k != "img_size"}}
+        method, cfg = infer_architecture(weights.state, given, weights.name)
     fields = method_fields(method)
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
@@ -385,7 +392,7 @@ def load(source: str | Path | Mapping | Weights, device: str | torch.device = "c
     weights = source if isinstance(source, Weights) else read_weights(source)
     method, cfg = resolve_architecture(weights, overrides)
     grid = target_grid(cfg)
-    state = fit_pos_embed(weights.state, grid) if grid else weights.state
+    state = fit_pos_embed(weights.state, grid, grid_of(weights.state, weights.config)) if grid else weights.state
     model = build_architecture(method, cfg)
     return load_checked(model, state, weights.name).to(device).eval()
 
@@ -407,7 +414,7 @@ def load_weights(model: nn.Module, source: str | Path | Mapping) -> nn.Module:
         state = {k: v for k, v in state.items() if k.split(".")[0] in parts}
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if grid:
-        state = fit_pos_embed(state, grid)
+        state = fit_pos_embed(state, grid, grid_of(weights.state, weights.config))
     return load_checked(model, state, weights.name)
 
 
@@ -477,7 +484,7 @@ def cae_config_from_official(state: Mapping[str, Tensor]) -> dict:
         return len({m[1] for k in state if (m := re.match(rf"^{stack}\.(\d+)\.", k))})
 
     D, C, p, _ = state["patch_embed.proj.weight"].shape
-    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)  # official CAE checkpoints are square
     Dd = state["decoder_pos_embed"].shape[-1]
     out = state["decoder_pred.weight"].shape[0]
     return dict(

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from mimkit.architecture import architecture_of, encoder_of, with_img_size
-from mimkit.config import IMAGENET_MEAN, IMAGENET_STD
+from mimkit.config import IMAGENET_MEAN, IMAGENET_STD, size_pair
 from mimkit.convert import (
     BLOCK_TO_HF,
     BLOCK_TO_HF_LEGACY,
@@ -184,9 +184,10 @@ def timm_config(cfg: Mapping, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
                 embed_dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"],
                 qkv_bias=bool(cfg["qkv_bias"] or cfg.get("qv_bias")), init_values=cfg["init_values"] or None,
                 num_classes=cfg["num_classes"], global_pool=cfg["global_pool"], class_token=True)
-    size = cfg["img_size"]
+    height, width = size_pair(cfg["img_size"])
     return {"architecture": "vit_base_patch16_224", "num_classes": cfg["num_classes"], "model_args": args,
-            "pretrained_cfg": {"tag": "mimkit", "input_size": [cfg["in_chans"], size, size], "fixed_input_size": True,
+            "pretrained_cfg": {"tag": "mimkit", "input_size": [cfg["in_chans"], height, width],
+                               "fixed_input_size": True,
                                "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center",
                                "mean": list(mean), "std": list(std), "num_classes": cfg["num_classes"],
                                "first_conv": "patch_embed.proj", "classifier": "head"}}
@@ -249,6 +250,11 @@ def save_hf(model: nn.Module, directory: str | Path, card: str | None = None) ->
     arch = hf_architecture(model)
     prefix = "" if arch == "ViTModel" else "vit."
     if method == "mae":
+        if model.img_size[0] != model.img_size[1]:
+            raise WeightsError(f"transformers' ViTMAE builds square patch grids only (its sin-cos positions use "
+                               f"sqrt(num_patches)); this model is {model.img_size[0]} x {model.img_size[1]}. Export "
+                               "the encoder as a ViTModel (--encoder-only), or the whole model --to official or "
+                               "safetensors.")
         config = {"model_type": "vit_mae", **hf_config_from_mae(model.cfg)}
     else:
         if cfg["global_pool"] != "token":
@@ -340,8 +346,7 @@ def save_onnx(model: nn.Module, path: str | Path, pool: str = "cls") -> Path:
     if size > ONNX_MAX_BYTES:
         raise WeightsError(f"the encoder's weights are {size / 2**30:.2f} GiB, more than one ONNX file holds "
                            f"({ONNX_MAX_BYTES / 2**30:.1f} GiB, protobuf's limit); export a smaller model or --to timm")
-    example = torch.zeros(2, encoder.patch_embed.proj.in_channels, encoder.img_size, encoder.img_size,
-                          device=encoder.cls_token.device)
+    example = torch.zeros(2, encoder.in_chans, *encoder.img_size, device=encoder.cls_token.device)
     batch = {"pixel_values": {0: torch.export.Dim("batch")}}
     quiet = logging.getLogger("torch.onnx")  # it warns about torchvision's operators, which a ViT does not use
     level = quiet.level
@@ -364,7 +369,7 @@ def save_onnx(model: nn.Module, path: str | Path, pool: str = "cls") -> Path:
 
 
 
-def export(model: nn.Module, out: str | Path, to: str, img_size: int | None = None,
+def export(model: nn.Module, out: str | Path, to: str, img_size: int | tuple[int, int] | None = None,
            encoder_only: bool = False, overwrite: bool = False, pool: str = "cls",
            mean=IMAGENET_MEAN, std=IMAGENET_STD, card: str | None = None) -> Path:
     """Write `model` to `out` as `to` (one of `TARGETS`); returns the path written.

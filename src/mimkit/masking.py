@@ -65,14 +65,17 @@ def scaled_min_block(num_patches: int) -> int:
     return max(1, round(BEIT_MIN_BLOCK * num_patches / BEIT_GRID_AREA))
 
 
-def _grid_side(num_patches: int) -> int:
-    side = int(round(num_patches**0.5))
-    if side * side != num_patches:
-        raise ValueError(f"block masking needs a square grid of patches, got {num_patches}")
-    return side
+def patch_grid(patches: int | tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a grid given as (h, w), or as a number of patches that make a square."""
+    if not isinstance(patches, int):
+        return tuple(patches)
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(f"{patches} patches are not a square grid; give the grid as (h, w)")
+    return side, side
 
 
-def block_mask(batch: int, grid: int, num_masked: int, *, min_block: int | None = None,
+def block_mask(batch: int, grid: int | tuple[int, int], num_masked: int, *, min_block: int | None = None,
                max_block: int | None = None, min_aspect: float = 0.3, max_aspect: float | None = None,
                generator: torch.Generator | None = None, device: torch.device | str = "cpu",
                return_blocks: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -87,10 +90,11 @@ def block_mask(batch: int, grid: int, num_masked: int, *, min_block: int | None 
     round, from `generator`; images still short after `MAX_ROUNDS` rounds get their last patches at
     random (1 x 1 blocks).
 
-    Returns the mask (B, N) bool, True = masked, in grid (row-major) order; with `return_blocks`, also
-    the accepted rectangles as rows (image, top, left, h, w) of an int64 tensor.
+    `grid` is the patch grid, (h, w) or one side of a square. Returns the mask (B, N) bool, True =
+    masked, in grid (row-major) order; with `return_blocks`, also the accepted rectangles as rows
+    (image, top, left, h, w) of an int64 tensor.
     """
-    H = W = grid
+    H, W = (grid, grid) if isinstance(grid, int) else grid
     if not 0 < num_masked < H * W:
         raise ValueError(f"num_masked must be in [1, {H * W - 1}], got {num_masked}")
     min_block = scaled_min_block(H * W) if min_block is None else min_block
@@ -159,27 +163,32 @@ def ids_from_mask(mask: Tensor, num_masked: int) -> tuple[Tensor, Tensor, Tensor
     return ids_keep, ids_restore, mask
 
 
-def block_masking(batch: int, num_patches: int, mask_ratio: float, *, min_block: int | None = None,
+def block_masking(batch: int, patches: int | tuple[int, int], mask_ratio: float, *, min_block: int | None = None,
                   min_aspect: float = 0.3, generator: torch.Generator | None = None,
                   device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
     """Block-wise masking with the same contract and count as `random_masking`: N - int(N * (1 - ratio))
-    patches hidden per image (98 of 196 at ratio 0.5, CAE's setting)."""
-    num_masked = num_patches - num_kept(num_patches, mask_ratio)
-    mask = block_mask(batch, _grid_side(num_patches), num_masked, min_block=min_block, min_aspect=min_aspect,
+    patches hidden per image (98 of 196 at ratio 0.5, CAE's setting); `patches` is the grid (h, w) or
+    the number of patches of a square one."""
+    h, w = patch_grid(patches)
+    num_masked = h * w - num_kept(h * w, mask_ratio)
+    mask = block_mask(batch, (h, w), num_masked, min_block=min_block, min_aspect=min_aspect,
                       generator=generator, device=device)
     return ids_from_mask(mask, num_masked)
 
 
-def make_mask(mask_type: str, batch: int, num_patches: int, mask_ratio: float, *, noise: Tensor | None = None,
-              generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-              min_block: int | None = None, min_aspect: float = 0.3) -> tuple[Tensor, Tensor, Tensor]:
-    """The masking a config names: `random` (MAE; `noise` may fix it) or `block` (BEiT / CAE)."""
+def make_mask(mask_type: str, batch: int, patches: int | tuple[int, int], mask_ratio: float, *,
+              noise: Tensor | None = None, generator: torch.Generator | None = None,
+              device: torch.device | str = "cpu", min_block: int | None = None,
+              min_aspect: float = 0.3) -> tuple[Tensor, Tensor, Tensor]:
+    """The masking a config names: `random` (MAE; `noise` may fix it) or `block` (BEiT / CAE), for the
+    patch grid (h, w) (or a number of patches: a square grid)."""
     if mask_type == "random":
-        return random_masking(batch, num_patches, mask_ratio, noise=noise, generator=generator, device=device)
+        n = patches if isinstance(patches, int) else patches[0] * patches[1]
+        return random_masking(batch, n, mask_ratio, noise=noise, generator=generator, device=device)
     if mask_type == "block":
         if noise is not None:
             raise ValueError("noise fixes random masks only; block masks are drawn from a generator")
-        return block_masking(batch, num_patches, mask_ratio, min_block=min_block, min_aspect=min_aspect,
+        return block_masking(batch, patches, mask_ratio, min_block=min_block, min_aspect=min_aspect,
                              generator=generator, device=device)
     raise ValueError(f"mask_type must be one of {', '.join(MASK_TYPES)}, got {mask_type!r}")
 
@@ -187,18 +196,19 @@ def make_mask(mask_type: str, batch: int, num_patches: int, mask_ratio: float, *
 # --------------------------------------------------------------------------- SimMIM's random blocks
 
 
-def block_random_mask(batch: int, grid: int, scale: int, mask_ratio: float, *,
+def block_random_mask(batch: int, grid: int | tuple[int, int], scale: int, mask_ratio: float, *,
                       generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
-    """SimMIM's `MaskGenerator`: the grid x grid patches fall into (grid / scale)^2 square blocks of
-    scale x scale patches; ceil(blocks * ratio) of them, a uniform random subset per image, are masked.
-    Returns (B, grid * grid) bool in grid order, True = masked."""
-    if grid % scale:
-        raise ValueError(f"a grid of {grid} patches is not made of blocks of {scale}")
-    side = grid // scale
-    count = math.ceil(side * side * mask_ratio)
+    """SimMIM's `MaskGenerator`: the h x w patches (`grid`; one int: square) fall into (h / scale) x
+    (w / scale) square blocks of scale x scale patches; ceil(blocks * ratio) of them, a uniform random
+    subset per image, are masked. Returns (B, h * w) bool in grid order, True = masked."""
+    h, w = (grid, grid) if isinstance(grid, int) else grid
+    if h % scale or w % scale:
+        raise ValueError(f"a grid of {h} x {w} patches is not made of blocks of {scale}")
+    bh, bw = h // scale, w // scale
+    count = math.ceil(bh * bw * mask_ratio)
     gen_device = generator.device if generator is not None else device
-    order = torch.rand(batch, side * side, generator=generator, device=gen_device).argsort(dim=1)
-    blocks = torch.zeros(batch, side * side, dtype=torch.bool, device=gen_device)
+    order = torch.rand(batch, bh * bw, generator=generator, device=gen_device).argsort(dim=1)
+    blocks = torch.zeros(batch, bh * bw, dtype=torch.bool, device=gen_device)
     blocks.scatter_(1, order[:, :count], True)
-    blocks = blocks.view(batch, side, 1, side, 1).expand(batch, side, scale, side, scale)
-    return blocks.reshape(batch, grid * grid).to(device)
+    blocks = blocks.view(batch, bh, 1, bw, 1).expand(batch, bh, scale, bw, scale)
+    return blocks.reshape(batch, h * w).to(device)

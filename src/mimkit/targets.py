@@ -27,14 +27,21 @@ def patchify(imgs: Tensor, p: int) -> Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, p * p * C)
 
 
-def unpatchify(x: Tensor, p: int, channels: int = 3) -> Tensor:
-    """(B, N, P) -> (B, C, H, W); the inverse of `patchify` for a square grid."""
-    B, N, _ = x.shape
-    h = int(round(N**0.5))
-    if h * h != N:
-        raise ValueError(f"unpatchify needs a square grid, got {N} patches")
-    x = x.reshape(B, h, h, p, p, channels)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, h * p, h * p)
+def unpatchify(x: Tensor, p: int, grid: tuple[int, int] | None = None) -> Tensor:
+    """(B, N, P) -> (B, C, H, W), C = P / (p * p); the inverse of `patchify` for a grid of h x w patches
+    (None: square)."""
+    B, N, P = x.shape
+    if grid is None:
+        side = int(round(N**0.5))
+        if side * side != N:
+            raise ValueError(f"unpatchify needs the grid of {N} patches that are not a square")
+        grid = (side, side)
+    h, w = grid
+    if h * w != N or P % (p * p):
+        raise ValueError(f"{N} patches of {P} values are not a {h} x {w} grid of {p} x {p} patches")
+    C = P // (p * p)
+    x = x.reshape(B, h, w, p, p, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * p, w * p)
 
 
 def patch_stats(patches: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,26 +68,27 @@ def denormalize_patches(pred: Tensor, imgs: Tensor, p: int) -> Tensor:
     return pred * (var + NORM_PIX_EPS) ** 0.5 + mean
 
 
-def token_target(imgs: Tensor, tokenizer: nn.Module, grid: int, mean: Sequence[float], std: Sequence[float],
-                 ) -> Tensor:
+def token_target(imgs: Tensor, tokenizer: nn.Module, grid: tuple[int, int], mean: Sequence[float],
+                 std: Sequence[float]) -> Tensor:
     """Codes (B, N) of a frozen tokenizer for normalised images (B, C, H, W), one per patch, row-major.
 
     The images are un-normalised with `mean` / `std` back to [0, 1] and resized (bicubic, antialiased)
-    to `grid * tokenizer.downsample` pixels: 112 px for DALL-E on a 14 x 14 grid, as BEiT and CAE feed
-    their tokenizer a second, half-size view of the same crop. No gradient, float32 even under autocast.
+    to `grid * tokenizer.downsample` pixels (grid: h x w patches): 112 px for DALL-E on 14 x 14 patches, as
+    BEiT and CAE feed their tokenizer a second, half-size view of the same crop. No gradient, float32 even
+    under autocast.
     """
     m = torch.tensor(mean, device=imgs.device, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, device=imgs.device, dtype=torch.float32).view(1, -1, 1, 1)
-    size = grid * tokenizer.downsample
+    size = (grid[0] * tokenizer.downsample, grid[1] * tokenizer.downsample)
     no_autocast = torch.autocast(imgs.device.type, enabled=False) if imgs.device.type in ("cpu", "cuda") \
         else contextlib.nullcontext()
     with torch.no_grad(), no_autocast:
         pixels = (imgs.float() * s + m).clamp(0, 1)
-        if pixels.shape[-2:] != (size, size):
-            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True,
+        if tuple(pixels.shape[-2:]) != size:
+            pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True,
                                    align_corners=False).clamp(0, 1)
         codes = tokenizer(pixels)
-    if codes.shape != (imgs.shape[0], grid * grid):
-        expected = (imgs.shape[0], grid * grid)
+    if codes.shape != (imgs.shape[0], grid[0] * grid[1]):
+        expected = (imgs.shape[0], grid[0] * grid[1])
         raise ValueError(f"tokenizer returned codes of shape {tuple(codes.shape)}, expected {expected}")
     return codes

@@ -3,6 +3,7 @@ reconstruction with the visible patches pasted back, one row per image."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,43 +17,62 @@ MIN_CELL = 128  # small images (CIFAR's 32 px) are enlarged with nearest-neighbo
 
 
 @torch.no_grad()
-def reconstruction_grid(model: nn.Module, imgs: Tensor, mean, std, seed: int = 0) -> Tensor:
-    """Picture grid (3, rows * S, 4 * S) in [0, 1] for normalised images (B, 3, H, W).
+def reconstruction_grid(model: nn.Module, imgs: Tensor, mean, std, seed: int = 0,
+                        bands: tuple[int, ...] = ()) -> Tensor:
+    """Picture grid (3, rows * H, 4 * W) in [0, 1] for normalised images (B, C, H, W).
 
     Masks come from a generator seeded with `seed`, so successive checkpoints are shown with the
     same masks. Norm-pix predictions are shown with each true patch's mean and variance. A model that
     predicts the masked patches only (CAE: `pred` is (B, M, P), in grid order) gets grey where it made
     no prediction; one that predicts codes, not pixels (`cfg.target == "tokens"`), is shown with its
-    masks only: original | masked.
+    masks only: original | masked. RGB images are shown as they are; other channel counts through
+    `display` (grey for one channel, the `bands` triple of more), each row stretched to its original.
     """
     was_training = model.training
     model.eval()
     imgs = imgs.to(next(model.parameters()).device)
     out = model(imgs, generator=torch.Generator().manual_seed(seed))
     model.train(was_training)
-    p = model.patch_size
+    p, grid = model.patch_size, model.patch_embed.grid_size
     mask = out.mask.unsqueeze(-1)  # (B, N, 1)
     patches = patchify(imgs, p)
-    hidden = unpatchify(mask.expand_as(patches).float(), p) > 0  # (B, 3, H, W)
-    m = torch.tensor(mean, device=imgs.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=imgs.device).view(1, 3, 1, 1)
-    orig = (imgs * s + m).clamp(0, 1)
+    hidden = unpatchify(mask.expand_as(patches).float(), p, grid)[:, :1] > 0  # (B, 1, H, W)
+    m = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
+    data = imgs * s + m
+    view = display(data, bands)
+    orig = view(data)
     cells = [orig, torch.where(hidden, 0.5, orig)]  # grey = hidden from the encoder
     if getattr(model.cfg, "target", "pixels") != "tokens":
         pred, predicted = full_prediction(out.pred.float(), out.mask, patches)
         if getattr(model.cfg, "norm_pix_loss", False):
             pred = denormalize_patches(pred, imgs, p)
-        recon = unpatchify(pred, p)
-        pasted = unpatchify(torch.where(mask, pred, patches), p)
-        recon, pasted = ((x * s + m).clamp(0, 1) for x in (recon, pasted))
-        shown = unpatchify(predicted.unsqueeze(-1).expand_as(patches).float(), p) > 0
+        recon = view(unpatchify(pred, p, grid) * s + m)
+        pasted = view(unpatchify(torch.where(mask, pred, patches), p, grid) * s + m)
+        shown = unpatchify(predicted.unsqueeze(-1).expand_as(patches).float(), p, grid)[:, :1] > 0
         cells += [torch.where(shown, recon, 0.5), pasted]
-    size = imgs.shape[-1]
-    if size < MIN_CELL:
-        scale = -(-MIN_CELL // size)
+    height, width = imgs.shape[-2:]
+    if min(height, width) < MIN_CELL:
+        scale = -(-MIN_CELL // min(height, width))
         cells = [F.interpolate(c, scale_factor=scale, mode="nearest") for c in cells]
-    rows = torch.cat(cells, dim=3)  # (B, 3, S, 4S)
-    return torch.cat(list(rows), dim=1).cpu()  # (3, B*S, 4S)
+    rows = torch.cat(cells, dim=3)  # (B, 3, H, 4W)
+    return torch.cat(list(rows), dim=1).cpu()  # (3, B*H, 4W)
+
+
+def display(orig: Tensor, bands: tuple[int, ...] = ()) -> Callable[[Tensor], Tensor]:
+    """How images on the data's 0..1 scale (B, C, H, W) are shown in RGB in [0, 1], given the originals:
+    RGB as it is (clipped); one channel as grey; more, the three `bands` (default the first three) as
+    R, G, B. Data that is not RGB is stretched per image and band to the range of its original:
+    16-bit and multispectral data rarely spans 0..1."""
+    C = orig.shape[1]
+    if C == 3 and not bands:
+        return lambda x: x.clamp(0, 1)
+    picked = [0, 0, 0] if C == 1 and not bands else list(bands or (0, 1, 2))
+    if len(picked) != 3 or not all(0 <= b < C for b in picked):
+        raise ValueError(f"data.rgb_bands: three of the {C} channels, shown as R, G, B; got {picked}")
+    lo, hi = orig[:, picked].amin(dim=(2, 3), keepdim=True), orig[:, picked].amax(dim=(2, 3), keepdim=True)
+    span = (hi - lo).clamp_min(1e-12)
+    return lambda x: ((x[:, picked] - lo) / span).clamp(0, 1)
 
 
 def full_prediction(pred: Tensor, mask: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,8 +100,9 @@ def save_png(grid: Tensor, path: str | Path) -> Path:
     return path
 
 
-def save_reconstruction(model: nn.Module, imgs: Tensor, path: str | Path, mean, std, seed: int = 0) -> Path:
-    return save_png(reconstruction_grid(model, imgs, mean, std, seed), path)
+def save_reconstruction(model: nn.Module, imgs: Tensor, path: str | Path, mean, std, seed: int = 0,
+                        bands: tuple[int, ...] = ()) -> Path:
+    return save_png(reconstruction_grid(model, imgs, mean, std, seed, bands), path)
 
 
 def plot_run(run_dir: str | Path) -> Path:

@@ -7,18 +7,20 @@ embeddings resampled to the recipe's grid; what the file lacks (the decoder of a
 CAE's regressor from an MAE file) keeps the method's initialisation. Position embeddings, also fixed
 sin-cos ones, are the file's (a source's loss is reproduced exactly), resampled bicubically when the
 grid differs, as for evaluation. The architecture must agree: a
-different width, depth, head count or patch size is a one-line error naming both values. The
+different width, depth, head count or patch size is a one-line error naming both values; RGB weights
+start a model of another channel count with their patch embedding adapted (`adapt_in_chans`). The
 optimizer and schedule start afresh: this is not a resume.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
 
-from mimkit.architecture import architecture_of, fit_pos_embed, infer_architecture, shorten
+from mimkit.architecture import architecture_of, fit_pos_embed, infer_architecture, shorten, target_grid
 from mimkit.config import ConfigError
 from mimkit.convert import read_weights
 from mimkit.hub import is_hub
@@ -32,6 +34,18 @@ PART_SHAPE = ("_embed_dim", "_depth", "_num_heads")  # decoder_*, regressor_*: c
 def _parts(keys) -> list[str]:
     """Top-level module names of state-dict keys, in order (`decoder_blocks`, `mask_token`, ...)."""
     return list(dict.fromkeys(k.split(".")[0] for k in keys))
+
+
+def adapt_in_chans(weight: Tensor, in_chans: int) -> Tensor:
+    """An RGB patch-embedding kernel (D, 3, p, p) for `in_chans` channels, as timm's `adapt_input_conv`:
+    for one channel the sum of the three filters (grey = R + G + B responds as the colour filters did);
+    for more, the RGB filters repeated over the channels and scaled by 3 / in_chans."""
+    if weight.shape[1] != 3:
+        raise ConfigError(f"init: only RGB patch embeddings are adapted to other channel counts, got "
+                          f"{weight.shape[1]} channels")
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    return weight.repeat(1, math.ceil(in_chans / 3), 1, 1)[:, :in_chans] * (3 / in_chans)
 
 
 def init_from(model: nn.Module, source: str | Path) -> dict:
@@ -49,11 +63,18 @@ def init_from(model: nn.Module, source: str | Path) -> dict:
         method, theirs = infer_architecture(weights.state, {**hints, **weights.config}, weights.name)
     shape_keys = [*ENCODER_SHAPE, *(k for k in own if k.endswith(PART_SHAPE) and k in theirs)]
     for key in shape_keys:
-        if key in theirs and float(theirs[key]) != float(own[key]):
+        rgb_to_n = key == "in_chans" and theirs.get(key) == 3  # adapted below (`adapt_in_chans`)
+        if key in theirs and float(theirs[key]) != float(own[key]) and not rgb_to_n:
             raise ConfigError(f"init {weights.name}: model.{key} is {theirs[key]} in the file and {own[key]} in the "
                               f"recipe; set model.{key}={theirs[key]} (or start from other weights)")
     own_state = model.state_dict()
-    state = fit_pos_embed(weights.state, model.patch_embed.grid_size)
+    state = fit_pos_embed(weights.state, model.patch_embed.grid_size, target_grid(theirs))
+    if theirs.get("in_chans", 3) != own["in_chans"]:
+        state["patch_embed.proj.weight"] = adapt_in_chans(state["patch_embed.proj.weight"], own["in_chans"])
+        # pixel heads predict p * p * C values: for other channels they start anew
+        state = {k: v for k, v in state.items() if not (k.startswith("decoder_pred.") and
+                                                        k in own_state and v.shape != own_state[k].shape)}
+        log.info("init: the RGB patch embedding of %s adapted to %d channels", weights.name, own["in_chans"])
     taken = {k: v for k, v in state.items() if k in own_state}
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own_state[k].shape)}" for k, v in taken.items()
              if v.shape != own_state[k].shape]

@@ -25,9 +25,9 @@ import os
 import random
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from mimkit.data.arrays import center_box, is_array_file, read_pixels, resample
 from mimkit.data.decode import chw, decode_image, open_image, to_rgb
 
 DCT_SCALES = (8, 4, 2, 1)  # what libjpeg can decode at: 1/8, 1/4, 1/2 and full size
@@ -66,45 +66,50 @@ def fallback_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[
     return height, width
 
 
-def dct_scale(h: int, w: int, size: int) -> int:
+def dct_scale(h: int, w: int, size: int | tuple[int, int]) -> int:
     """The largest JPEG DCT reduction (8, 4, 2 or 1) that leaves a box of h x w pixels at least `size`
-    pixels on both sides."""
-    return next(s for s in DCT_SCALES if h >= s * size and w >= s * size or s == 1)
+    ((height, width), or one side) pixels large."""
+    H, W = (size, size) if isinstance(size, int) else size
+    return next(s for s in DCT_SCALES if h >= s * H and w >= s * W or s == 1)
 
 
 class RandomResizedCrop:
     """Per-sample RandomResizedCrop (see the module docstring): `crop(src, key, index)` decodes the image
-    file `src` (path or bytes) to uint8 (3, size, size), the box drawn from Random((key << 64) + index)."""
+    file `src` (path or bytes) to (C, height, width) (`size`, or one side), the box drawn from
+    Random((key << 64) + index). RGB files decode to uint8 through PIL; other channel counts and
+    arrays through `arrays.read_pixels` (uint8, or float32 for data that is not 8-bit)."""
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
-        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+    def __init__(self, size: int | tuple[int, int], scale: tuple[float, float] = (0.2, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), channels: int = 3):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.scale, self.ratio, self.channels = tuple(scale), tuple(ratio), channels
 
     def __repr__(self) -> str:
-        return f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+        return f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio}, channels={self.channels})"
 
     def box(self, height: int, width: int, key: int, index: int) -> tuple[int, int, int, int]:
         """(top, left, h, w) of sample `index`'s crop of a height x width image, for the epoch `key`."""
         return draw_box(height, width, self.scale, self.ratio, random.Random((key << 64) + index))
 
     def __call__(self, src: str | os.PathLike | bytes, key: int, index: int) -> torch.Tensor:
+        if self.channels != 3 or is_array_file(src):
+            pixels = read_pixels(src, self.channels)
+            return resample(pixels, self.size, self.box(*pixels.shape[-2:], key, index))
         with open_image(src) as im:
             top, left, h, w = self.box(im.height, im.width, key, index)
             reduce = _draft(im, h, w, self.size)
             rgb = to_rgb(im)
         if reduce > 1:  # the box falls between decoded pixels: PIL resamples a fractional box exactly
             box = (left / reduce, top / reduce, (left + w) / reduce, (top + h) / reduce)
-            return chw(rgb.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)).contiguous()
+            return chw(rgb.resize(self.size[::-1], Image.Resampling.BICUBIC, box=box)).contiguous()
         # A whole-pixel box: torch's uint8 antialiased bicubic is PIL's filter (a = -0.5), rounded and
         # saturated like PIL's, and about 5x faster than PIL's resize.
-        out = F.interpolate(chw(rgb)[None, :, top : top + h, left : left + w], size=(self.size, self.size),
-                            mode="bicubic", antialias=True, align_corners=False)
-        return out[0].contiguous()
+        return resample(chw(rgb), self.size, (top, left, h, w))
 
 
-def _draft(im: Image.Image, h: int, w: int, size: int) -> int:
+def _draft(im: Image.Image, h: int, w: int, size: tuple[int, int]) -> int:
     """Ask a JPEG to decode at the largest DCT reduction that keeps an h x w box at least `size` pixels
-    a side (`dct_scale`); returns the reduction it will decode at (1 for other formats)."""
+    large (`dct_scale`); returns the reduction it will decode at (1 for other formats)."""
     s = dct_scale(h, w, size)
     if im.format != "JPEG" or s == 1:
         return 1
@@ -121,12 +126,18 @@ def split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
     return key if isinstance(key, tuple) else (key, None)
 
 
-def sample_image(src: str | os.PathLike | bytes, load_size: int, crop: RandomResizedCrop | None = None,
-                 key: int | None = None, index: int = 0) -> torch.Tensor:
-    """What a dataset item holds, for every source: without an epoch `key` the image resized to
-    `load_size` and center-cropped (evaluation, pictures); with one, sample `index`'s training crop."""
+def sample_image(src: str | os.PathLike | bytes, load_size: int | tuple[int, int],
+                 crop: RandomResizedCrop | None = None, key: int | None = None, index: int = 0,
+                 channels: int = 3) -> torch.Tensor:
+    """What a dataset item holds, for every source: without an epoch `key` the image resized to cover
+    `load_size` and center-cropped (evaluation, pictures); with one, sample `index`'s training crop.
+    Files of `channels` != 3 and arrays are read by `arrays.read_pixels`."""
     if key is None:
-        return decode_image(src, load_size)
+        if channels == 3 and not is_array_file(src):
+            return decode_image(src, load_size)
+        pixels = read_pixels(src, channels)
+        size = (load_size, load_size) if isinstance(load_size, int) else load_size
+        return resample(pixels, size, center_box(*pixels.shape[-2:], size)) if size[0] else pixels
     if crop is None:
         raise ValueError(f"sample {index} asked for a training crop (epoch key {key}) of a dataset built without one")
     return crop(src, key, index)

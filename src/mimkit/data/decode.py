@@ -1,7 +1,8 @@
 """Decoding one image file (path or bytes) to RGB uint8, and the vocabulary of unreadable data.
 
-Every dataset item is a `Sample(image, label, path, reason)`: `image` is uint8 (3, S, S) with the same
-S for the whole dataset, or None when the file is unreadable, `reason` saying why. Unreadable files
+Every dataset item is a `Sample(image, label, path, reason)`: `image` is (C, H, W) with the same size
+for the whole dataset (uint8; float32 for data that is not 8-bit, see `mimkit.data.arrays`), or None
+when the file is unreadable, `reason` saying why. Unreadable files
 never raise inside a worker; `loader.collate` drops and lists them, and the training loop decides
 (count and report, or raise `BadImageError` in strict mode).
 """
@@ -42,7 +43,7 @@ class BadImageError(ValueError):
 
 
 class Sample(NamedTuple):
-    """One dataset item; `image` is uint8 (3, S, S), or None with `reason` when unreadable."""
+    """One dataset item; `image` is (C, H, W) uint8 or float32, or None with `reason` when unreadable."""
 
     image: torch.Tensor | None
     label: int
@@ -54,25 +55,26 @@ class Sample(NamedTuple):
 # Decoding
 
 
-def decode_image(src: str | os.PathLike | bytes, size: int = 0) -> torch.Tensor:
+def decode_image(src: str | os.PathLike | bytes, size: int | tuple[int, int] = 0) -> torch.Tensor:
     """Decode an image file (path or bytes) of any mode to RGB uint8 (3, H, W).
 
-    With size > 0, resize the shorter side to `size` (bicubic, antialiased) and center-crop a
-    size x size square. Raises BadImageError for anything unreadable.
+    With a size (one side, or (h, w)), resize the image to cover it (bicubic, antialiased) and
+    center-crop it to that size. Raises BadImageError for anything unreadable.
     """
+    H, W = (size, size) if isinstance(size, int) else size
 
-    def central_square(im: Image.Image) -> Image.Image:
+    def central_box(im: Image.Image) -> Image.Image:
         rgb = to_rgb(im)
-        if not size or rgb.size == (size, size):
+        if not H or rgb.size == (W, H):
             return rgb
-        # Resizing the central square straight to size x size is Resize(size) + CenterCrop(size)
+        # Resizing the central box of the output's aspect straight to W x H is Resize + CenterCrop
         # without resampling the pixels the crop throws away.
         w, h = rgb.size
-        side = min(w, h)
-        left, top = (w - side) / 2, (h - side) / 2
-        return rgb.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+        bw, bh = (h * W / H, h) if w * H >= h * W else (w, w * H / W)  # exact for a square output
+        left, top = (w - bw) / 2, (h - bh) / 2
+        return rgb.resize((W, H), Image.Resampling.BICUBIC, box=(left, top, left + bw, top + bh))
 
-    return read_image(src, central_square)
+    return read_image(src, central_box)
 
 
 def read_image(src: str | os.PathLike | bytes, make: Callable[[Image.Image], Image.Image]) -> torch.Tensor:

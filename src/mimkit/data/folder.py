@@ -11,8 +11,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mimkit.data.arrays import ARRAY_EXTENSIONS
 from mimkit.data.crops import RandomResizedCrop, sample_image, split_key
 from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample
+
+FILE_EXTENSIONS = IMG_EXTENSIONS + ARRAY_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +82,12 @@ class ImageFolder(Dataset):
     what the loader asks for when the dataset has one (`loader.make_loader`).
     """
 
-    def __init__(self, root: str, load_size: int, limit: int = 0, confine: bool = False,
-                 crop: RandomResizedCrop | None = None):
+    def __init__(self, root: str, load_size: int | tuple[int, int], limit: int = 0, confine: bool = False,
+                 crop: RandomResizedCrop | None = None, channels: int = 3):
         root = os.path.expanduser(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root}")
-        self.root, self.load_size, self.crop = root, load_size, crop
+        self.root, self.load_size, self.crop, self.channels = root, load_size, crop, channels
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
                               and (not confine or _inside(os.path.realpath(e.path), os.path.realpath(root))))
         if self.classes:
@@ -93,7 +96,7 @@ class ImageFolder(Dataset):
             self.classes = [os.path.basename(os.path.normpath(root))]
             files = [(p, 0) for p in _scan(root, "", confine)]
         if not files:
-            raise DataError(f"no image files ({' '.join(IMG_EXTENSIONS)}) found under {root}")
+            raise DataError(f"no image files ({' '.join(FILE_EXTENSIONS)}) found under {root}")
         files = [files[i] for i in spread(len(files), limit)]
         # One numpy bytes array instead of a list of str: forked workers reading a list touch
         # every object's refcount and copy the pages (pytorch/pytorch#13246).
@@ -110,7 +113,7 @@ class ImageFolder(Dataset):
         i, epoch_key = split_key(key)
         path, label = self.path(i), int(self.labels[i])
         try:
-            return Sample(sample_image(path, self.load_size, self.crop, epoch_key, i), label, path)
+            return Sample(sample_image(path, self.load_size, self.crop, epoch_key, i, self.channels), label, path)
         except BadImageError as e:
             return Sample(None, label, path, e.reason)
 
@@ -118,4 +121,4 @@ class ImageFolder(Dataset):
 def _scan(root: str, sub: str, confine: bool) -> list[str]:
     """Sorted image paths under root/sub, relative to root (see `walk_files`; `confine` to root)."""
     paths = walk_files(os.path.join(root, sub), within=root if confine else None, hidden=False)
-    return sorted(os.path.relpath(p, root) for p in paths if p.lower().endswith(IMG_EXTENSIONS))
+    return sorted(os.path.relpath(p, root) for p in paths if p.lower().endswith(FILE_EXTENSIONS))

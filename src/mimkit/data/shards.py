@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mimkit.data.arrays import is_array_file
 from mimkit.data.crops import RandomResizedCrop, epoch_key, sample_image
 from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample, open_image, to_rgb
 from mimkit.data.folder import ImageFolder
@@ -116,6 +117,10 @@ def write_shards(folder: str, out: str, shard_size: int = 1000, seed: int = 0, m
     if not 1 <= quality <= 95:
         raise DataError(f"JPEG quality must be in 1 .. 95, got {quality}")
     source = ImageFolder(folder, load_size=0, confine=True)  # lists and labels the files; nothing is decoded
+    arrays = [source.path(i) for i in range(len(source)) if is_array_file(source.path(i))]
+    if arrays:
+        raise DataError(f"shards hold RGB images, and {folder} holds {len(arrays)} array file(s) such as "
+                        f"{arrays[0]}; train on the folder itself (data.dataset=folder)")
     order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
     os.makedirs(out, exist_ok=True)
     digits = max(6, len(str(len(order) - 1)))

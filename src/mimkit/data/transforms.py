@@ -1,7 +1,8 @@
 """Batched image transforms on the training device.
 
-Inputs are uint8 (B, 3, S, S) batches from the loader; outputs are normalised float32. All
-randomness comes from a `torch.Generator` argument, so tests pin it and resumed runs replay it.
+Inputs are (B, C, H, W) batches from the loader, uint8 or float32 on the same 0..255 scale
+(`mimkit.data.arrays`); outputs are normalised float32. All randomness comes from a `torch.Generator`
+argument, so tests pin it and resumed runs replay it. Sizes are (height, width), or one side.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import torch
 import torch.nn.functional as F
 from kornia.geometry.transform import crop_and_resize
 
-from mimkit.config import IMAGENET_MEAN, IMAGENET_STD
+from mimkit.config import IMAGENET_MEAN, IMAGENET_STD, size_pair
 from mimkit.data.crops import fallback_size
 
 
 def normalize(
     images: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> torch.Tensor:
-    """Pixels in [0, 255] (uint8 or float, (B, 3, H, W)) -> float32 (x / 255 - mean) / std."""
+    """Pixels on the 0..255 scale (uint8 or float, (B, C, H, W)) -> float32 (x / 255 - mean) / std, one
+    mean and std per channel."""
     return _normalize_(_float_copy(images), mean, std)
 
 
@@ -71,7 +73,7 @@ def random_resized_crop_params(
 
 
 def crop_boxes(
-    top: torch.Tensor, left: torch.Tensor, h: torch.Tensor, w: torch.Tensor, size: int
+    top: torch.Tensor, left: torch.Tensor, h: torch.Tensor, w: torch.Tensor, size: int | tuple[int, int]
 ) -> torch.Tensor:
     """Crops (each (B,)) -> kornia boxes (B, 4, 2) that resample like torchvision/PIL.
 
@@ -80,10 +82,11 @@ def crop_boxes(
     reads output pixel k from source x = left + (k + 0.5) * w / size - 0.5, so the corner
     pixels k = 0 and k = size - 1 sit half an output pixel inside the crop.
     """
-    x0 = left + 0.5 * w / size - 0.5
-    x1 = left + w - 0.5 * w / size - 0.5
-    y0 = top + 0.5 * h / size - 0.5
-    y1 = top + h - 0.5 * h / size - 0.5
+    height, width = size_pair(size)
+    x0 = left + 0.5 * w / width - 0.5
+    x1 = left + w - 0.5 * w / width - 0.5
+    y0 = top + 0.5 * h / height - 0.5
+    y1 = top + h - 0.5 * h / height - 0.5
     corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]  # top-left, top-right, bottom-right, bottom-left
     return torch.stack([torch.stack(c, -1) for c in corners], 1)
 
@@ -91,23 +94,23 @@ def crop_boxes(
 class PretrainAugment:
     """MAE pretraining augmentation: RandomResizedCrop (bicubic) + horizontal flip + normalise.
 
-    uint8 (B, 3, S, S) -> float32 (B, 3, size, size). With `crop=False` the images are crops already
+    (B, C, S, S) -> float32 (B, C, height, width) (`size`). With `crop=False` the images are crops already
     (drawn per sample in the loader workers, `data.crops`), and only the flip and normalisation run here.
     """
 
     def __init__(
-        self, size: int, scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        hflip: bool = True, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-        crop: bool = True,
+        self, size: int | tuple[int, int], scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True, mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD, crop: bool = True,
     ):
-        self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
+        self.size, self.scale, self.ratio, self.hflip = size_pair(size), tuple(scale), tuple(ratio), hflip
         self.mean, self.std, self.crop = tuple(mean), tuple(std), crop
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b, _, height, width = images.shape
         if not self.crop:
-            if (height, width) != (self.size, self.size):
-                raise ValueError(f"PretrainAugment(crop=False) expects {self.size} x {self.size} crops, got "
+            if (height, width) != self.size:
+                raise ValueError(f"PretrainAugment(crop=False) expects {self.size[0]} x {self.size[1]} crops, got "
                                  f"{height} x {width}")
             x = _float_copy(images)
         else:
@@ -123,33 +126,35 @@ class PretrainAugment:
         # the stream does not depend on where the images are.
         params = random_resized_crop_params(b, height, width, self.scale, self.ratio, generator)
         boxes = crop_boxes(*(p.to(images.device) for p in params), self.size)
-        x = crop_and_resize(
-            images.float(), boxes, (self.size, self.size), mode="bicubic", padding_mode="border",
-            align_corners=False,
-        )
-        return x.clamp_(0, 255)  # bicubic overshoots; PIL/torchvision would saturate to uint8 here
+        x = crop_and_resize(images.float(), boxes, self.size, mode="bicubic", padding_mode="border",
+                            align_corners=False)
+        # bicubic overshoots; PIL/torchvision would saturate 8-bit data here (data of more bits is not clipped)
+        return x.clamp_(0, 255) if images.dtype == torch.uint8 else x
 
 
 class EvalTransform:
-    """Evaluation resize + center crop (MAE/timm): shorter side to int(size / crop_pct) (bicubic,
-    antialiased), center crop size, normalise. uint8 (B, 3, H, W) -> float32 (B, 3, size, size)."""
+    """Evaluation resize + center crop (MAE/timm): the image resized (bicubic, antialiased) to cover
+    int(height / crop_pct) x int(width / crop_pct) of `size` (for a square: the shorter side to
+    int(size / crop_pct)), center crop `size`, normalise. (B, C, H, W) -> float32 (B, C, height, width)."""
 
     def __init__(
-        self, size: int, crop_pct: float = 224 / 256, mean: tuple[float, ...] = IMAGENET_MEAN,
+        self, size: int | tuple[int, int], crop_pct: float = 224 / 256, mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
     ):
-        self.size, self.crop_pct, self.mean, self.std = size, crop_pct, tuple(mean), tuple(std)
+        self.size, self.crop_pct, self.mean, self.std = size_pair(size), crop_pct, tuple(mean), tuple(std)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        short = int(self.size / self.crop_pct)
-        x = images.float()
-        if min(height, width) != short:
-            if height <= width:
-                height, width = short, int(short * width / height)
-            else:
-                height, width = int(short * height / width), short
-            x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
-            x = x.clamp_(0, 255)
-        top, left = round((height - self.size) / 2), round((width - self.size) / 2)
-        return normalize(x[..., top : top + self.size, left : left + self.size], self.mean, self.std)
+        (H, W), x = self.size, images.float()
+        cover_h, cover_w = int(H / self.crop_pct), int(W / self.crop_pct)
+        if cover_h * width >= cover_w * height:  # the height decides
+            new = (cover_h, int(cover_h * width / height))
+        else:
+            new = (int(cover_w * height / width), cover_w)
+        if new != (height, width):
+            height, width = new
+            x = F.interpolate(x, size=new, mode="bicubic", align_corners=False, antialias=True)
+            if images.dtype == torch.uint8:
+                x = x.clamp_(0, 255)
+        top, left = round((height - H) / 2), round((width - W) / 2)
+        return normalize(x[..., top : top + H, left : left + W], self.mean, self.std)

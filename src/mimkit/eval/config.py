@@ -15,6 +15,7 @@ from mimkit.config import (
     apply_overrides,
     check_choice,
     check_nonneg,
+    check_size,
     from_dict,
     read_yaml,
 )
@@ -90,8 +91,9 @@ class EvalConfig:
     """Labelled data: `split` is the training split (the kNN bank, the probe's training set)."""
     val_split: str = "test"
     """Split that is scored."""
-    img_size: int = 0
-    """Evaluation resolution (0 = the model's); position embeddings are interpolated when it differs."""
+    img_size: int | tuple[int, int] = 0
+    """Evaluation resolution, one side or [height, width] (0 = the model's); position embeddings are
+    interpolated when it differs."""
     crop_pct: float = 0.0
     """Validation images are resized to img_size / crop_pct and center-cropped; 0 = only center-crop
     what the data workers decoded (folders: load_size, i.e. 224 / 256 = 0.875; CIFAR: the whole image)."""
@@ -107,7 +109,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_choice("protocol", self.protocol, tuple(PROTOCOL_DEFAULTS))
         check_choice("val_split", self.val_split, ("train", "test"))
-        check_nonneg("img_size", self.img_size)
+        check_size("img_size", self.img_size, minimum=0)
         if not 0.0 <= self.crop_pct <= 1.0:
             raise ConfigError(f"crop_pct: must be in [0, 1] (0 = off), got {self.crop_pct!r}")
 

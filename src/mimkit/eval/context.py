@@ -41,7 +41,7 @@ class Context:
     val_set: object
     num_classes: int
     transform: EvalTransform
-    """uint8 (B, 3, S, S) -> normalised (B, 3, img_size, img_size): resize + center crop."""
+    """(B, C, S, S') -> normalised (B, C, height, width) of the encoder: resize + center crop."""
     device: torch.device
 
 
@@ -61,9 +61,9 @@ def vit_from(model: nn.Module, img_size: int | None = None, **changes) -> Vision
     return vit
 
 
-def decoded_size(dataset) -> int:
-    """Side of the images a dataset yields (its workers already resized them)."""
-    return next(s.image.shape[-1] for s in (dataset[i] for i in range(len(dataset))) if s.image is not None)
+def decoded_height(dataset) -> int:
+    """Height of the images a dataset yields (its workers already resized them)."""
+    return next(s.image.shape[-2] for s in (dataset[i] for i in range(len(dataset))) if s.image is not None)
 
 
 def build_context(cfg: EvalConfig, model: nn.Module | None = None, device: torch.device | None = None) -> Context:
@@ -76,17 +76,18 @@ def build_context(cfg: EvalConfig, model: nn.Module | None = None, device: torch
     encoder = vit_from(model, cfg.img_size or None).to(device).eval()
     d = cfg.data
     train_set, val_set, transform = labelled_data(d, encoder.img_size, (d.split, cfg.val_split), (d.limit, 0),
-                                                  cfg.crop_pct)
+                                                  cfg.crop_pct, channels=encoder.in_chans)
     return Context(cfg, encoder, train_set, val_set, len(train_set.classes), transform, device)
 
 
-def labelled_data(d: DataConfig, size: int, splits: tuple[str, str], limits: tuple[int, int], crop_pct: float = 0.0,
-                  strict: bool | None = None) -> tuple:
-    """(training set, validation set, validation transform) of the data section `d` for `size`-pixel
-    inputs; `crop_pct` 0 center-crops what the data workers decoded (see `EvalConfig.crop_pct`)."""
-    train_set = dataset_of(d, size, splits[0], limit=limits[0], strict=strict)
-    val_set = dataset_of(d, size, splits[1], limit=limits[1], strict=strict)
-    transform = EvalTransform(size, crop_pct=crop_pct or size / decoded_size(val_set), mean=d.mean, std=d.std)
+def labelled_data(d: DataConfig, size: tuple[int, int], splits: tuple[str, str], limits: tuple[int, int],
+                  crop_pct: float = 0.0, strict: bool | None = None, channels: int = 3) -> tuple:
+    """(training set, validation set, validation transform) of the data section `d` for inputs of `size`
+    (height, width) and `channels`; `crop_pct` 0 center-crops what the data workers decoded (see
+    `EvalConfig.crop_pct`)."""
+    train_set = dataset_of(d, size, splits[0], limit=limits[0], strict=strict, channels=channels)
+    val_set = dataset_of(d, size, splits[1], limit=limits[1], strict=strict, channels=channels)
+    transform = EvalTransform(size, crop_pct=crop_pct or size[0] / decoded_height(val_set), mean=d.mean, std=d.std)
     return train_set, val_set, transform
 
 
@@ -120,8 +121,8 @@ def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, kind: s
     if resume is not None and best_path.exists():  # the best epoch of the run being resumed
         best = read_torch(best_path)["best"]
 
-    size = ctx.encoder.img_size
-    empty = val_set.feats[:0] if isinstance(val_set, FeatureSet) else torch.zeros(0, 3, size, size)
+    empty = val_set.feats[:0] if isinstance(val_set, FeatureSet) else torch.zeros(0, ctx.encoder.in_chans,
+                                                                                  *ctx.encoder.img_size)
     empty = empty.to(ctx.device)
     # A fine-tuned classifier's best.pt names its architecture, so that `mimkit.load` rebuilds it as it is.
     entry = {"config": to_dict(cfg)}

@@ -73,9 +73,9 @@ def in_shares(dataset: Dataset, fn: Callable[[Tensor], Tensor], *, batch_size: i
 def extract(model: nn.Module, dataset: Dataset, transform, pool: str = "cls", batch_size: int = 256,
             num_workers: int = 0) -> tuple[Tensor, Tensor]:
     """Features of a whole dataset: (N, D) or (N, K, D) and labels (N,), in the dataset's order in
-    one process (see `in_shares` for torchrun). `transform` maps a uint8 batch (B, 3, S, S) to the
+    one process (see `in_shares` for torchrun). `transform` maps a loader batch (B, C, S, S') to the
     model's normalised input."""
     device = next(model.parameters()).device
-    size = model.patch_embed.img_size
+    empty = torch.zeros(0, model.in_chans, *model.img_size, device=device)
     return in_shares(dataset, lambda x: features(model, x, pool), batch_size=batch_size, transform=transform,
-                     empty=torch.zeros(0, 3, size, size, device=device), device=device, num_workers=num_workers)
+                     empty=empty, device=device, num_workers=num_workers)

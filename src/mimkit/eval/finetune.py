@@ -13,6 +13,7 @@ import torch
 from kornia.augmentation.auto import RandAugment
 from torch import Tensor, nn
 
+from mimkit.config import ConfigError
 from mimkit.data import PretrainAugment
 from mimkit.eval.config import FinetuneConfig
 from mimkit.eval.context import Context, train_classifier, vit_from
@@ -79,10 +80,13 @@ def _beta(alpha: float, generator: torch.Generator) -> float:
 class FinetuneAugment:
     """RandomResizedCrop + flip, RandAugment, normalisation and random erasing, batched on the device."""
 
-    def __init__(self, size: int, cfg: FinetuneConfig, scale, ratio, mean, std):
+    def __init__(self, size: int | tuple[int, int], cfg: FinetuneConfig, scale, ratio, mean, std):
+        if cfg.randaug_n and len(mean) != 3:
+            raise ConfigError(f"finetune.randaug_n: RandAugment's colour operations need RGB images, and these have "
+                              f"{len(mean)} channels; set finetune.randaug_n=0")
         self.crop = PretrainAugment(size, scale=scale, ratio=ratio, hflip=True, mean=mean, std=std)
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.randaug = RandAugment(n=cfg.randaug_n, m=cfg.randaug_m) if cfg.randaug_n else None
         self.erase = K.RandomErasing(p=cfg.reprob, value=0.0) if cfg.reprob else None
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mimkit.config import Config
+from mimkit.config import Config, size_pair
 from mimkit.eval.context import Context, accuracy, features_of, labelled_data
 from mimkit.eval.features import extract
 from mimkit.train.loop import StepInfo
@@ -54,9 +54,9 @@ class KNNMonitor:
         """The monitor a pretraining config asks for (`monitor.*`), on its own data source."""
         from mimkit.models import model_config_of
 
-        m = cfg.monitor
-        bank, queries, transform = labelled_data(cfg.data, model_config_of(cfg).img_size, ("train", "test"),
-                                                 (m.bank_size, m.query_size), strict=False)
+        m, model = cfg.monitor, model_config_of(cfg)
+        bank, queries, transform = labelled_data(cfg.data, size_pair(model.img_size), ("train", "test"),
+                                                 (m.bank_size, m.query_size), strict=False, channels=model.in_chans)
         return cls(bank, queries, transform, m.every_epochs, m.pool, m.k, m.temperature)
 
     def __call__(self, info: StepInfo) -> dict | None:

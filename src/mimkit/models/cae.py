@@ -258,9 +258,9 @@ class CAE(VisionTransformer):
         B, N = imgs.shape[0], self.patch_embed.num_patches
         if mask is None:
             num_masked = N - num_kept(N, self.cfg.mask_ratio)
-            _, _, mask = make_mask(self.cfg.mask_type, B, N, self.cfg.mask_ratio, noise=noise, generator=generator,
-                                   device=imgs.device, min_block=self.cfg.mask_min_block or None,
-                                   min_aspect=self.cfg.mask_min_aspect)
+            _, _, mask = make_mask(self.cfg.mask_type, B, self.patch_embed.grid_size, self.cfg.mask_ratio,
+                                   noise=noise, generator=generator, device=imgs.device,
+                                   min_block=self.cfg.mask_min_block or None, min_aspect=self.cfg.mask_min_aspect)
         else:
             counts = mask.sum(1)
             if mask.shape != (B, N) or mask.dtype != torch.bool or bool((counts != counts[0]).any()):

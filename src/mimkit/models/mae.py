@@ -132,7 +132,7 @@ class MAE(VisionTransformer):
     def forward(self, imgs: Tensor, noise: Tensor | None = None,
                 generator: torch.Generator | None = None) -> MAEOutput:
         """Mask, encode, decode, score. `noise` (B, N) fixes the mask; else it is drawn from `generator`."""
-        ids_keep, ids_restore, mask = make_mask(self.cfg.mask_type, imgs.shape[0], self.patch_embed.num_patches,
+        ids_keep, ids_restore, mask = make_mask(self.cfg.mask_type, imgs.shape[0], self.patch_embed.grid_size,
                                                 self.cfg.mask_ratio, noise=noise, generator=generator,
                                                 device=imgs.device)
         latent = self.forward_encoder(imgs, ids_keep)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimkit.config import ConfigError, check_open_unit
+from mimkit.config import ConfigError, check_open_unit, size_pair
 from mimkit.masking import block_random_mask
 from mimkit.models.vit import VIT_SIZES, EncoderConfig, VisionTransformer
 from mimkit.targets import patchify
@@ -37,7 +37,7 @@ class SimMIMConfig(EncoderConfig):
         if self.mask_patch_size < self.patch_size or self.mask_patch_size % self.patch_size:
             raise ConfigError(f"model.mask_patch_size: must be a multiple of model.patch_size ({self.patch_size}), "
                               f"got {self.mask_patch_size}")
-        if self.img_size % self.mask_patch_size:
+        if any(side % self.mask_patch_size for side in size_pair(self.img_size)):
             raise ConfigError(f"model.mask_patch_size: {self.mask_patch_size} does not divide model.img_size "
                               f"{self.img_size}")
 
@@ -101,16 +101,16 @@ class SimMIM(VisionTransformer):
                 generator: torch.Generator | None = None) -> SimMIMOutput:
         """Mask (or take `mask`, (B, N) bool), encode every token, predict pixels, score the masked ones."""
         B, C, H, W = imgs.shape
-        p, h = self.patch_size, self.patch_embed.grid_size
+        p, (h, w) = self.patch_size, self.patch_embed.grid_size
         if mask is None:
             mask = self.make_mask(B, generator, imgs.device)
         x = self.patch_embed(imgs)  # (B, N, D)
-        w = mask.unsqueeze(-1).type_as(x)
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        m = mask.unsqueeze(-1).type_as(x)
+        x = x * (1 - m) + self.mask_token.to(x.dtype) * m
         x = self.run_blocks(self.with_cls(x + self.pos_embed[:, 1:]))[:, 1:]  # (B, N, D)
-        x = x.transpose(1, 2).reshape(B, -1, h, h)
+        x = x.transpose(1, 2).reshape(B, -1, h, w)
         rec = F.pixel_shuffle(self.decoder_pred(x), p)  # (B, C, H, W)
-        pixel_mask = mask.view(B, 1, h, 1, h, 1).expand(B, 1, h, p, h, p).reshape(B, 1, H, W).type_as(rec)
+        pixel_mask = mask.view(B, 1, h, 1, w, 1).expand(B, 1, h, p, w, p).reshape(B, 1, H, W).type_as(rec)
         l1 = F.l1_loss(imgs.float(), rec.float(), reduction="none")
         loss = (l1 * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / C
         return SimMIMOutput(loss=loss, pred=patchify(rec, p), mask=mask)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimkit.config import ConfigError, check_divides, check_positive
+from mimkit.config import ConfigError, check_positive, check_size, size_pair
 from mimkit.masking import gather_tokens
 
 LN_EPS = 1e-6  # MAE and timm use 1e-6 (transformers' ViTMAE defaults to 1e-12)
@@ -37,8 +37,8 @@ class EncoderConfig:
 
     preset: str = ""
     """Named architecture (see the method's `PRESETS`); the fields given beside it override it."""
-    img_size: int = 224
-    """Input resolution in pixels (square)."""
+    img_size: int | tuple[int, int] = 224
+    """Input resolution in pixels: one side (square) or [height, width]."""
     patch_size: int = 16
     """Patch side p in pixels."""
     in_chans: int = 3
@@ -53,10 +53,12 @@ class EncoderConfig:
     """MLP hidden width / block width."""
 
     def __post_init__(self) -> None:
-        for name in ("img_size", "patch_size", "in_chans", "depth"):
+        for name in ("patch_size", "in_chans", "depth"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}: must be >= 1, got {getattr(self, name)!r}")
-        check_divides("model.patch_size", self.patch_size, "model.img_size", self.img_size)
+        if any(side % self.patch_size for side in check_size("model.img_size", self.img_size)):
+            img = self.img_size if isinstance(self.img_size, int) else list(self.img_size)
+            raise ConfigError(f"model.patch_size: {self.patch_size} does not divide model.img_size={img}")
         check_width("model.embed_dim", self.embed_dim, "model.num_heads", self.num_heads)
         check_positive("model.mlp_ratio", self.mlp_ratio)
 
@@ -71,17 +73,19 @@ def check_width(width_key: str, width: int, heads_key: str, heads: int) -> None:
         raise ConfigError(f"{width_key}: {width} is not divisible by {heads_key}={heads}")
 
 
-def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> Tensor:
-    """Fixed 2-D sin-cos position embedding of MAE (`get_2d_sincos_pos_embed`): (1 + N, D) or (N, D).
+def sincos_pos_embed_2d(dim: int, grid: int | tuple[int, int], cls_token: bool = True) -> Tensor:
+    """Fixed 2-D sin-cos position embedding of MAE (`get_2d_sincos_pos_embed`) on a grid of h x w patches
+    (one int: square), row-major: (1 + N, D) or (N, D).
 
     Half the channels encode the row, half the column; the cls row is zeros. Computed in float64
     like the reference's NumPy code, then cast to float32.
     """
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
-    coords = torch.arange(grid, dtype=torch.float64)
+    h, w = size_pair(grid)
     # The reference builds meshgrid(w, h) and encodes grid[0] (the column index) in the first half.
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
 
     def encode(pos: Tensor) -> Tensor:
@@ -111,20 +115,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> D-dim tokens by a strided convolution."""
+    """Non-overlapping p x p patches -> D-dim tokens by a strided convolution. `img_size` (H, W) and
+    `grid_size` (h, w) are pairs; one int makes a square."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
-        if img_size % patch_size:
+        self.img_size, self.patch_size = size_pair(img_size), patch_size
+        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        self.img_size, self.patch_size = img_size, patch_size
-        self.grid_size = img_size // patch_size
-        self.num_patches = self.grid_size**2
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"expected images of {self.img_size}x{self.img_size}, got {tuple(x.shape)}")
+        if tuple(x.shape[-2:]) != self.img_size or x.shape[1] != self.proj.in_channels:
+            raise ValueError(f"expected images of {self.proj.in_channels} x {self.img_size[0]} x {self.img_size[1]}, "
+                             f"got {tuple(x.shape)}")
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
 
 
@@ -273,8 +279,13 @@ class VisionTransformer(nn.Module):
         return self.patch_embed.patch_size
 
     @property
-    def img_size(self) -> int:
+    def img_size(self) -> tuple[int, int]:
+        """(H, W) in pixels."""
         return self.patch_embed.img_size
+
+    @property
+    def in_chans(self) -> int:
+        return self.patch_embed.proj.in_channels
 
     def init_encoder(self) -> None:
         """MAE initialisation of the encoder: sin-cos positions, patch conv as a linear layer, tokens N(0, .02)."""
@@ -348,17 +359,24 @@ def num_params(module: nn.Module) -> int:
 
 
 
-def resample_pos_embed(pos_embed: Tensor, grid: int, num_prefix: int = 1) -> Tensor:
-    """Resize a (1, prefix + n*n, D) position embedding to a grid x grid patch grid, bicubic, as timm
-    and MAE's `interpolate_pos_embed` do; the prefix (cls) rows are kept. Same size: returned as is."""
+def resample_pos_embed(pos_embed: Tensor, grid: int | tuple[int, int], num_prefix: int = 1,
+                       source: int | tuple[int, int] | None = None) -> Tensor:
+    """Resize a (1, prefix + h*w, D) position embedding of a `source` grid (default: square) to a grid of
+    h' x w' patches, bicubic, as timm and MAE's `interpolate_pos_embed` do; the prefix (cls) rows are
+    kept. Same size: returned as is."""
     prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
-    old = int(round(patches.shape[1] ** 0.5))
-    if old * old != patches.shape[1]:
-        raise ValueError(f"position embedding of {patches.shape[1]} patches is not a square grid")
-    if old == grid:
+    if source is None:
+        side = int(round(patches.shape[1] ** 0.5))
+        if side * side != patches.shape[1]:
+            raise ValueError(f"position embedding of {patches.shape[1]} patches is not a square grid; give its grid")
+        source = side
+    (h0, w0), (h, w) = size_pair(source), size_pair(grid)
+    if h0 * w0 != patches.shape[1]:
+        raise ValueError(f"position embedding of {patches.shape[1]} patches is not a {h0} x {w0} grid")
+    if (h0, w0) == (h, w):
         return pos_embed
     D = patches.shape[-1]
-    x = patches.reshape(1, old, old, D).permute(0, 3, 1, 2).float()  # (1, D, n, n)
-    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
-    x = x.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)
+    x = patches.reshape(1, h0, w0, D).permute(0, 3, 1, 2).float()  # (1, D, h0, w0)
+    x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
+    x = x.permute(0, 2, 3, 1).reshape(1, h * w, D).to(pos_embed.dtype)
     return torch.cat([prefix, x], dim=1)
