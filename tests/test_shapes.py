@@ -282,3 +282,60 @@ def test_channel_mismatches_between_model_and_data_are_one_line(tmp_path):
                                     f"out_dir={tmp_path / 'c'}"]))
     with pytest.raises(DataError, match="no readable image"):
         channel_stats(str(tmp_path / "data"), channels=6)
+
+
+# --------------------------------------------------------------------------- rectangles in and out
+
+
+def _random(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            mean = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(mean + 0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def test_a_rectangular_encoder_matches_transformers_vit_and_its_mae_export_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from mimkit.export import export
+    from mimkit.serialization import WeightsError
+
+    mae = _random(build_model("mae", preset="mae_vit_tiny_cifar_patch4", img_size=[32, 48], depth=2, decoder_depth=1))
+    with pytest.raises(WeightsError, match="square patch grids only .* 32 x 48") as e:
+        export(mae, tmp_path / "mae", "hf")
+    assert "\n" not in str(e.value)
+    export(mae, tmp_path / "hf", "hf", encoder_only=True)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["image_size"] == [32, 48]
+    ref = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
+    imgs = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(pixel_values=imgs).last_hidden_state, mae.forward_features(imgs),
+                                   atol=1e-5, rtol=0)
+    from mimkit.convert import load
+
+    back = load(tmp_path / "hf")  # the rectangle comes back from config.json, not from sqrt(num_patches)
+    assert back.img_size == (32, 48) and torch.equal(back.pos_embed, mae.pos_embed)
+    export(mae, tmp_path / "timm", "timm", encoder_only=True)
+    timm_cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
+    assert timm_cfg["pretrained_cfg"]["input_size"] == [3, 32, 48] and timm_cfg["model_args"]["img_size"] == [32, 48]
+
+
+def test_the_cli_resamples_to_height_by_width_and_init_resamples_a_rectangle(tmp_path, capsys):
+    wide = _random(build_model("mae", preset="mae_vit_tiny_cifar_patch4", img_size=[32, 48], depth=1,
+                               decoder_depth=1))
+    from mimkit.export import export
+
+    export(wide, tmp_path / "wide.safetensors", "safetensors")
+    assert main(["export", str(tmp_path / "wide.safetensors"), "--to", "safetensors", "--img-size", "48x32",
+                 "--out", str(tmp_path / "tall.safetensors")]) == 0
+    assert "48x32 px" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="2"):
+        main(["export", str(tmp_path / "wide.safetensors"), "--to", "timm", "--img-size", "48x", "--out",
+              str(tmp_path / "x.pth")])
+    assert "'48x' is neither a side nor HEIGHTxWIDTH" in capsys.readouterr().err
+    square = build_model("mae", preset="mae_vit_tiny_cifar_patch4", depth=1, decoder_depth=1)
+    init_from(square, tmp_path / "wide.safetensors")
+    ref = resample_pos_embed(wide.pos_embed.detach(), (8, 8), source=(8, 12))
+    assert torch.equal(square.pos_embed, ref) and torch.equal(square.blocks[0].mlp.fc1.weight,
+                                                              wide.blocks[0].mlp.fc1.weight)
