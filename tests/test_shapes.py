@@ -266,6 +266,13 @@ def test_other_shapes_and_channels_pretrain_resume_exactly_evaluate_and_draw(cas
                  f"out_dir={tmp_path / 'knn'}"]) == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "knn" / "results.json").read_text())
     assert 0 <= result["top1"] <= 100 and result["config"]["data"]["mean"] == list(load_config(None, args).data.mean)
+    rgb = case == "wide_rgb"
+    for protocol, more in (("linprobe", ["probe.augment=true"]),
+                           ("finetune", [] if rgb else ["finetune.randaug_n=0"])):
+        out = tmp_path / protocol
+        assert main(["eval", protocol, str(source), "data.num_workers=0", "train.epochs=1", "train.batch_size=4",
+                     *more, f"out_dir={out}"]) == 0, capsys.readouterr().err
+        assert 0 <= json.loads((out / "results.json").read_text())["top1"] <= 100
     assert main(["visualize", str(source), "--out", str(tmp_path / "vis.png"), "--num", "2"]) == 0
     with Image.open(tmp_path / "vis.png") as vis:
         assert vis.size == picture.shape[1::-1]
@@ -282,6 +289,12 @@ def test_channel_mismatches_between_model_and_data_are_one_line(tmp_path):
                                     f"out_dir={tmp_path / 'c'}"]))
     with pytest.raises(DataError, match="no readable image"):
         channel_stats(str(tmp_path / "data"), channels=6)
+    from mimkit.eval.config import FinetuneConfig
+    from mimkit.eval.finetune import FinetuneAugment
+
+    with pytest.raises(ConfigError, match="RandAugment's colour operations need RGB images, and these have 1 "
+                                          "channels; set finetune.randaug_n=0"):
+        FinetuneAugment(32, FinetuneConfig(randaug_n=2), (0.2, 1), (0.75, 1.33), (0.5,), (0.5,))
 
 
 # --------------------------------------------------------------------------- rectangles in and out
@@ -301,6 +314,11 @@ def test_a_rectangular_encoder_matches_transformers_vit_and_its_mae_export_is_re
     from mimkit.export import export
     from mimkit.serialization import WeightsError
 
+    hf_mae = dict(image_size=[32, 48], patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                  decoder_num_attention_heads=2, decoder_intermediate_size=64)
+    with pytest.raises(RuntimeError):  # transformers' ViTMAE: sin-cos positions of int(sqrt(N))^2 patches
+        transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**hf_mae))
     mae = _random(build_model("mae", preset="mae_vit_tiny_cifar_patch4", img_size=[32, 48], depth=2, decoder_depth=1))
     with pytest.raises(WeightsError, match="square patch grids only .* 32 x 48") as e:
         export(mae, tmp_path / "mae", "hf")
@@ -339,3 +357,17 @@ def test_the_cli_resamples_to_height_by_width_and_init_resamples_a_rectangle(tmp
     ref = resample_pos_embed(wide.pos_embed.detach(), (8, 8), source=(8, 12))
     assert torch.equal(square.pos_embed, ref) and torch.equal(square.blocks[0].mlp.fc1.weight,
                                                               wide.blocks[0].mlp.fc1.weight)
+
+
+def test_onnx_keeps_a_rectangle_of_six_channels(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from mimkit.export import export
+
+    model = _random(build_model("mae", preset="mae_vit_tiny_cifar_patch4", img_size=[32, 48], in_chans=6, depth=1,
+                                decoder_depth=1))
+    path = export(model, tmp_path / "encoder.onnx", "onnx", pool="mean")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    imgs = torch.randn(3, 6, 32, 48, generator=torch.Generator().manual_seed(0))
+    got = session.run(["features"], {"pixel_values": imgs.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model.pooled_features(imgs, "mean").numpy(), atol=1e-4, rtol=0)
