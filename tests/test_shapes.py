@@ -223,9 +223,9 @@ def _rgb_wide(root, n=12):
 
 
 CASES = {
-    "grey16": (_grey16, ["model.in_chans=1", "data.mean=[0.4]", "data.std=[0.25]"]),
+    "grey16": (_grey16, ["model.in_chans=1", "data.mean=[0.4]", "data.std=[0.25]", "model.norm_pix_loss=true"]),
     "bands6": (_bands6, ["model.in_chans=6", "data.mean=[0.75,0.75,0.75,0.75,0.75,0.75]",
-                         "data.std=[0.4,0.4,0.4,0.4,0.4,0.4]", "data.rgb_bands=[5,3,1]"]),
+                         "data.std=[0.4,0.4,0.4,0.4,0.4,0.4]", "data.rgb_bands=[5,3,1]", "model.norm_pix_loss=true"]),
     "wide_rgb": (_rgb_wide, ["model.img_size=[224,320]", "model.patch_size=16"]),
 }
 

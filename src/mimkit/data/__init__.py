@@ -1,7 +1,8 @@
 """Data: datasets yielding images (uint8, or float32 for data of more bits), batched device transforms,
 resumable loading.
 
-decode (one file to pixels; what unreadable means) <- arrays (any channel count and bit depth) <- crops (the pretraining crop of one file) <- folder,
+decode (one file to pixels; what unreadable means) <- arrays (any channel count and bit depth) <-
+crops (the pretraining crop of one file) <- folder,
 cifar <- shards <- datasets (which one a config names) <- loader; transforms work on batches on the device."""
 
 from mimkit.data.cifar import CIFAR10, CIFAR10_CLASSES, download_cifar10, load_cifar10, verify_checksum
