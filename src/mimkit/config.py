@@ -36,12 +36,11 @@ def size_pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def check_size(key: str, size, minimum: int = 1) -> tuple[int, int]:
-    """`size_pair(size)`, every side at least `minimum`."""
+def check_size(key: str, size) -> tuple[int, int]:
+    """`size_pair(size)`, every side at least 1."""
     h, w = size_pair(size)
-    if min(h, w) < minimum:
-        shown = size if isinstance(size, int) else list(size)
-        raise ConfigError(f"{key}: every side must be >= {minimum}, got {shown}")
+    if min(h, w) < 1:
+        raise ConfigError(f"{key}: every side must be >= 1, got {size if isinstance(size, int) else list(size)}")
     return h, w
 
 
@@ -115,7 +114,8 @@ class DataConfig:
         if len(self.mean) != len(self.std) or not self.mean:
             raise ConfigError(f"data.mean and data.std: one value per channel each, got {len(self.mean)} and "
                               f"{len(self.std)}")
-        check_size("data.load_size", self.load_size, minimum=0)
+        if self.load_size != 0:  # 0: automatic
+            check_size("data.load_size", self.load_size)
         if self.rgb_bands and (len(self.rgb_bands) != 3 or min(self.rgb_bands) < 0):
             raise ConfigError(f"data.rgb_bands: three channel indices (R, G, B), got {list(self.rgb_bands)}")
         check_nonneg("data.limit", self.limit)

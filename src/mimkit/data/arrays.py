@@ -17,6 +17,7 @@ is checked before any pixel is copied; `.tif` files go through `tifffile` when i
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -64,11 +65,14 @@ def _tifffile():
 
 
 def _check_size(shape: tuple, name: str) -> None:
+    """An image's shape, before its data is read: 2 or 3 axes, at most MAX_IMAGE_PIXELS pixels (the two
+    longest axes) and 4 * MAX_IMAGE_PIXELS values."""
     if len(shape) not in (2, 3):
         raise BadImageError(name, f"an array of shape {shape}; expected (H, W), (H, W, C) or (C, H, W)")
-    pixels = int(np.prod(shape, dtype=np.int64)) // (min(shape) if len(shape) == 3 else 1)
-    if pixels > MAX_IMAGE_PIXELS:
-        raise BadImageError(name, f"shape {shape}: more than MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS}) pixels")
+    h, w = sorted(shape)[-2:]
+    if h * w > MAX_IMAGE_PIXELS or math.prod(shape) > 4 * MAX_IMAGE_PIXELS:
+        raise BadImageError(name, f"shape {shape}: more than MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS}) pixels or "
+                                  f"{4 * MAX_IMAGE_PIXELS} values")
 
 
 def _read_npy(path: str) -> np.ndarray:

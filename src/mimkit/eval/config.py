@@ -109,7 +109,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_choice("protocol", self.protocol, tuple(PROTOCOL_DEFAULTS))
         check_choice("val_split", self.val_split, ("train", "test"))
-        check_size("img_size", self.img_size, minimum=0)
+        if self.img_size != 0:  # 0: the model's
+            check_size("img_size", self.img_size)
         if not 0.0 <= self.crop_pct <= 1.0:
             raise ConfigError(f"crop_pct: must be in [0, 1] (0 = off), got {self.crop_pct!r}")
 
