@@ -212,3 +212,74 @@ def block_random_mask(batch: int, grid: int | tuple[int, int], scale: int, mask_
     blocks.scatter_(1, order[:, :count], True)
     blocks = blocks.view(batch, bh, 1, bw, 1).expand(batch, bh, scale, bw, scale)
     return blocks.reshape(batch, h * w).to(device)
+
+
+# --------------------------------------------------------------------------- I-JEPA's multi-block masks
+
+CONTEXT_TIMEOUT = 20  # I-JEPA: draws of a context block before one target stops constraining it
+
+
+def jepa_block_size(grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float],
+                    generator: torch.Generator | None = None) -> tuple[int, int]:
+    """I-JEPA's `_sample_block_size`: int(h * w * scale) patches, scale uniform in `scale`, at an aspect
+    ratio (height / width) uniform in `aspect`; sides rounded and kept smaller than the grid (and >= 1)."""
+    H, W = grid
+    r = torch.rand(1, generator=generator).item()
+    keep = int(H * W * (scale[0] + r * (scale[1] - scale[0])))
+    r = torch.rand(1, generator=generator).item()
+    ratio = aspect[0] + r * (aspect[1] - aspect[0])
+    h, w = round(math.sqrt(keep * ratio)), round(math.sqrt(keep / ratio))
+    return max(1, min(h, H - 1)), max(1, min(w, W - 1))
+
+
+def _jepa_block(grid: tuple[int, int], size: tuple[int, int], generator: torch.Generator | None) -> Tensor:
+    """One h x w block at a uniform position (top in [0, H - h), as I-JEPA draws it): (H, W) bool."""
+    (H, W), (h, w) = grid, size
+    top = int(torch.randint(0, H - h, (1,), generator=generator))
+    left = int(torch.randint(0, W - w, (1,), generator=generator))
+    block = torch.zeros(H, W, dtype=torch.bool)
+    block[top : top + h, left : left + w] = True
+    return block
+
+
+def _jepa_context(grid, size, targets: list[Tensor], min_keep: int, generator) -> Tensor:
+    """The context block minus the target blocks, more than `min_keep` patches: after CONTEXT_TIMEOUT
+    draws that keep too few, the last target stops constraining it (I-JEPA's `constrain_mask` tries)."""
+    tries, timeout = 0, CONTEXT_TIMEOUT
+    while True:
+        block = _jepa_block(grid, size, generator)
+        for target in targets[: max(len(targets) - tries, 0)]:
+            block &= ~target
+        ids = block.flatten().nonzero()[:, 0]
+        if len(ids) > min_keep:
+            return ids
+        if tries > len(targets):
+            raise ValueError(f"a context block of {size[0]} x {size[1]} patches never keeps more than min_keep="
+                             f"{min_keep} of a {grid[0]} x {grid[1]} grid; lower model.min_keep")
+        timeout -= 1
+        if timeout == 0:
+            tries, timeout = tries + 1, CONTEXT_TIMEOUT
+
+
+def multiblock_masks(batch: int, grid: tuple[int, int], *, num_targets: int = 4,
+                     target_scale: tuple[float, float] = (0.15, 0.2), target_aspect: tuple[float, float] = (0.75, 1.5),
+                     context_scale: tuple[float, float] = (0.85, 1.0), min_keep: int = 10,
+                     generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                     ) -> tuple[Tensor, Tensor]:
+    """I-JEPA's `MaskCollator` (masks/multiblock.py): one target block size and one context block size per
+    batch (the context square, aspect 1); per image `num_targets` target blocks anywhere, then one
+    context block with every target patch removed. Indices are in grid (row-major) order and cut to the
+    shortest of the batch, as the official collator does. Everything is drawn from `generator`.
+
+    Returns (context ids (B, Kc), target ids (num_targets, B, Kt))."""
+    target_size = jepa_block_size(grid, target_scale, target_aspect, generator)
+    context_size = jepa_block_size(grid, context_scale, (1.0, 1.0), generator)
+    contexts, targets = [], []
+    for _ in range(batch):
+        blocks = [_jepa_block(grid, target_size, generator) for _ in range(num_targets)]
+        targets.append([b.flatten().nonzero()[:, 0] for b in blocks])
+        contexts.append(_jepa_context(grid, context_size, blocks, min_keep, generator))
+    kt = min(len(t) for image in targets for t in image)
+    kc = min(len(c) for c in contexts)
+    target_ids = torch.stack([torch.stack([image[j][:kt] for image in targets]) for j in range(num_targets)])
+    return torch.stack([c[:kc] for c in contexts]).to(device), target_ids.to(device)

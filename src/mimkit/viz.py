@@ -24,9 +24,10 @@ def reconstruction_grid(model: nn.Module, imgs: Tensor, mean, std, seed: int = 0
     Masks come from a generator seeded with `seed`, so successive checkpoints are shown with the
     same masks. Norm-pix predictions are shown with each true patch's mean and variance. A model that
     predicts the masked patches only (CAE: `pred` is (B, M, P), in grid order) gets grey where it made
-    no prediction; one that predicts codes, not pixels (`cfg.target == "tokens"`), is shown with its
-    masks only: original | masked. RGB images are shown as they are; other channel counts through
-    `display` (grey for one channel, the `bands` triple of more), each row stretched to its original.
+    no prediction; one that predicts codes or representations, not pixels (`cfg.target == "tokens"`,
+    or no `pred`: I-JEPA), is shown with its masks only: original | masked. RGB images are shown as
+    they are; other channel counts through `display` (grey for one channel, the `bands` triple of
+    more), each row stretched to its original.
     """
     was_training = model.training
     model.eval()
@@ -43,7 +44,7 @@ def reconstruction_grid(model: nn.Module, imgs: Tensor, mean, std, seed: int = 0
     view = display(data, bands)
     orig = view(data)
     cells = [orig, torch.where(hidden, 0.5, orig)]  # grey = hidden from the encoder
-    if getattr(model.cfg, "target", "pixels") != "tokens":
+    if out.pred is not None and getattr(model.cfg, "target", "pixels") != "tokens":
         pred, predicted = full_prediction(out.pred.float(), out.mask, patches)
         if getattr(model.cfg, "norm_pix_loss", False):
             pred = denormalize_patches(pred, imgs, p)

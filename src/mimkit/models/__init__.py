@@ -10,6 +10,8 @@ from torch import nn
 from mimkit.config import Config, ConfigError, from_dict, to_dict
 from mimkit.models.cae import CAE, CAEConfig
 from mimkit.models.cae import PRESETS as CAE_PRESETS
+from mimkit.models.ijepa import IJEPA, IJEPAConfig
+from mimkit.models.ijepa import PRESETS as IJEPA_PRESETS
 from mimkit.models.mae import MAE, MAEConfig
 from mimkit.models.mae import PRESETS as MAE_PRESETS
 from mimkit.models.simmim import PRESETS as SIMMIM_PRESETS
@@ -17,7 +19,7 @@ from mimkit.models.simmim import SimMIM, SimMIMConfig
 
 # method -> (config class, model class, presets)
 METHODS = {"mae": (MAEConfig, MAE, MAE_PRESETS), "cae": (CAEConfig, CAE, CAE_PRESETS),
-           "simmim": (SimMIMConfig, SimMIM, SIMMIM_PRESETS)}
+           "simmim": (SimMIMConfig, SimMIM, SIMMIM_PRESETS), "ijepa": (IJEPAConfig, IJEPA, IJEPA_PRESETS)}
 
 
 def resolve_model_config(method: str, model: dict):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from mimkit.config import ConfigError, check_open_unit, size_pair
 from mimkit.masking import block_random_mask
-from mimkit.models.vit import VIT_SIZES, EncoderConfig, VisionTransformer
+from mimkit.models.vit import VIT_SIZES, EncoderConfig, VisionTransformer, rescale_blocks, trunc_normal_init
 from mimkit.targets import patchify
 
 
@@ -62,17 +62,6 @@ class SimMIMOutput:
     """Extra scalars (tensors) to log."""
 
 
-def _trunc_normal_init(module: nn.Module) -> None:
-    """SimMIM / BEiT initialisation: truncated N(0, 0.02) linear layers with zero bias, unit LayerNorms."""
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 class SimMIM(VisionTransformer):
     def __init__(self, cfg: SimMIMConfig):
         super().__init__(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
@@ -86,10 +75,8 @@ class SimMIM(VisionTransformer):
     def reset_parameters(self) -> None:
         for p in (self.pos_embed, self.cls_token, self.mask_token):
             nn.init.trunc_normal_(p, std=0.02)
-        self.apply(_trunc_normal_init)
-        for i, blk in enumerate(self.blocks):  # BEiT's rescale of the residual branches by depth
-            for w in (blk.attn.proj.weight, blk.mlp.fc2.weight):
-                w.data.div_((2.0 * (i + 1)) ** 0.5)
+        self.apply(trunc_normal_init)
+        rescale_blocks(self.blocks)
 
     def make_mask(self, batch: int, generator: torch.Generator | None = None,
                   device: torch.device | str = "cpu") -> Tensor:

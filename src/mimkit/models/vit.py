@@ -224,6 +224,25 @@ class Block(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
+def trunc_normal_init(module: nn.Module) -> None:
+    """BEiT / SimMIM / I-JEPA initialisation: truncated N(0, 0.02) linear and convolution weights with
+    zero bias, unit LayerNorms."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def rescale_blocks(blocks: nn.ModuleList) -> None:
+    """BEiT's `fix_init_weight` (SimMIM, I-JEPA): block i's output projections divided by sqrt(2 (i + 1))."""
+    for i, blk in enumerate(blocks):
+        for w in (blk.attn.proj.weight, blk.mlp.fc2.weight):
+            w.data.div_((2.0 * (i + 1)) ** 0.5)
+
+
 def init_weights(module: nn.Module) -> None:
     """MAE's `_init_weights`: xavier-uniform linear layers with zero bias, unit LayerNorms."""
     if isinstance(module, nn.Linear):

@@ -2,7 +2,8 @@
 
 One visible order per optimizer step (nanoGPT `train.py`, torchtitan `train_step`):
 schedule -> autocast forward -> non-finite bookkeeping -> backward -> unscale + clip -> step ->
-zero_grad -> log -> hooks -> checkpoint. The task computes its own loss (`loss_fn`); the loop
+zero_grad -> the model's `after_step(step, total_steps)` if it has one (an EMA teacher: I-JEPA) -> log ->
+hooks -> checkpoint. The task computes its own loss (`loss_fn`); the loop
 never looks inside it. The only host syncs are at log and checkpoint steps.
 
 Under torchrun (WORLD_SIZE > 1) the same loop runs in every process on its share of the data, through
@@ -290,13 +291,8 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
                         loss = loss * weight / t.accum_steps
                     window.add(run.step, loss, extra, weight / t.accum_steps, batch["images"].shape[0] if weight else 0)
                     scaler.scale(loss).backward()  # backward
-            if t.clip_grad:  # clip
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-            scaler.step(optimizer)  # step
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             run.step += 1
+            _optimizer_step(model, optimizer, scaler, t.clip_grad, run.step, plan.total_steps)  # clip, step
             window.steps += 1
             bar.update(1)
             end_of_epoch = plan.per_epoch - run.position < t.accum_steps
@@ -329,6 +325,20 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
         bar.close()
         metrics.close()
     return _summary(run, last_loss, ckpt_path)
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, clip: float,
+                    step: int, total_steps: int) -> None:
+    """Unscale and clip (when `clip`), step, zero the gradients, then the model's own update after optimizer
+    step `step` of `total_steps`, when it has one (`after_step`: an EMA teacher, I-JEPA)."""
+    if clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if hasattr(model, "after_step"):
+        model.after_step(step, total_steps)
 
 
 def _require_group(world: int) -> None:
