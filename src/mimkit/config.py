@@ -239,7 +239,7 @@ class MonitorConfig(KNNConfig):
 @dataclass
 class Config:
     method: str = "mae"
-    """Pretraining method: a key of `mimkit.models.METHODS` (`mae`, `cae`, `simmim`, `ijepa`)."""
+    """Pretraining method: a key of `mimkit.models.METHODS` (`mae`, `cae`, `simmim`, `ijepa`, `data2vec2`)."""
     model: dict = field(default_factory=dict)
     """Model section, checked against the method's config class (`preset` plus any field of it)."""
     data: DataConfig = field(default_factory=DataConfig)

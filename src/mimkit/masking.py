@@ -283,3 +283,32 @@ def multiblock_masks(batch: int, grid: tuple[int, int], *, num_targets: int = 4,
     kc = min(len(c) for c in contexts)
     target_ids = torch.stack([torch.stack([image[j][:kt] for image in targets]) for j in range(num_targets)])
     return torch.stack([c[:kc] for c in contexts]).to(device), target_ids.to(device)
+
+
+# --------------------------------------------------------------------------- data2vec 2.0's inverse block masks
+
+
+def inverse_block_mask(batch: int, grid: tuple[int, int], mask_ratio: float = 0.8, block: int = 3,
+                       adjust: float = 0.07, generator: torch.Generator | None = None,
+                       device: torch.device | str = "cpu") -> Tensor:
+    """data2vec 2.0's `compute_block_mask_2d` with `inverse_mask`: the *visible* patches come in blocks.
+    int(N (1 - ratio + adjust) / block^2) centres per image, uniform (repeats allowed), each grown to a
+    block x block square clamped to the grid; then patches are added or dropped uniformly at random until
+    exactly int(N (1 - ratio)) are visible (`require_same_masks`). Returns (B, N) bool, True = masked."""
+    H, W = grid
+    N, keep = H * W, 1 - mask_ratio
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    centres = torch.randint(0, N, (batch, int(N * (keep + adjust) / block**2)), generator=generator, device=gen_device)
+    offsets = torch.arange(block, device=gen_device) - block // 2
+    rows = (centres // W)[..., None, None] + offsets.view(1, 1, -1, 1)  # (B, C, block, 1)
+    cols = (centres % W)[..., None, None] + offsets.view(1, 1, 1, -1)  # (B, C, 1, block)
+    rows, cols = rows.clamp(0, H - 1).expand(-1, -1, block, block), cols.clamp(0, W - 1).expand(-1, -1, block, block)
+    visible = torch.zeros(batch, H, W, dtype=torch.bool, device=gen_device)
+    images = torch.arange(batch, device=gen_device).view(-1, 1, 1, 1).expand_as(rows)
+    visible[images, rows, cols] = True
+    visible = visible.flatten(1)
+    # exactly int(N * keep) visible: the blocks' patches first (a random subset of them when there are
+    # too many), then random others: the same uniform choices as the official multinomial draws
+    score = visible.float() * 2 + torch.rand(batch, N, generator=generator, device=gen_device)
+    chosen = score.topk(int(N * keep), dim=1).indices
+    return torch.ones(batch, N, dtype=torch.bool, device=gen_device).scatter_(1, chosen, False).to(device)

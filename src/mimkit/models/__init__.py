@@ -10,6 +10,8 @@ from torch import nn
 from mimkit.config import Config, ConfigError, from_dict, to_dict
 from mimkit.models.cae import CAE, CAEConfig
 from mimkit.models.cae import PRESETS as CAE_PRESETS
+from mimkit.models.data2vec2 import PRESETS as DATA2VEC2_PRESETS
+from mimkit.models.data2vec2 import Data2Vec2, Data2Vec2Config
 from mimkit.models.ijepa import IJEPA, IJEPAConfig
 from mimkit.models.ijepa import PRESETS as IJEPA_PRESETS
 from mimkit.models.mae import MAE, MAEConfig
@@ -19,7 +21,8 @@ from mimkit.models.simmim import SimMIM, SimMIMConfig
 
 # method -> (config class, model class, presets)
 METHODS = {"mae": (MAEConfig, MAE, MAE_PRESETS), "cae": (CAEConfig, CAE, CAE_PRESETS),
-           "simmim": (SimMIMConfig, SimMIM, SIMMIM_PRESETS), "ijepa": (IJEPAConfig, IJEPA, IJEPA_PRESETS)}
+           "simmim": (SimMIMConfig, SimMIM, SIMMIM_PRESETS), "ijepa": (IJEPAConfig, IJEPA, IJEPA_PRESETS),
+           "data2vec2": (Data2Vec2Config, Data2Vec2, DATA2VEC2_PRESETS)}
 
 
 def resolve_model_config(method: str, model: dict):

@@ -35,6 +35,7 @@ from mimkit.models.vit import (
     EncoderConfig,
     VisionTransformer,
     check_width,
+    ema_update,
     rescale_blocks,
     sincos_pos_embed_2d,
     trunc_normal_init,
@@ -189,15 +190,9 @@ class IJEPA(VisionTransformer):
         lo, hi = self.cfg.ema
         return lo + (step - 1) * (hi - lo) / max(total_steps, 1)
 
-    @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        """Move the target encoder towards the context encoder: t <- m t + (1 - m) s (every parameter)."""
-        m = self.momentum(step, total_steps)
-        student = dict(self.named_parameters())
-        pairs = [(t, student[name]) for name, t in self.target_encoder.named_parameters()]
-        targets, sources = [t for t, _ in pairs], [s.detach() for _, s in pairs]
-        torch._foreach_mul_(targets, m)
-        torch._foreach_add_(targets, sources, alpha=1 - m)
+        """Move the target encoder towards the context encoder: t <- m t + (1 - m) s (`vit.ema_update`)."""
+        ema_update(self.target_encoder, self, self.momentum(step, total_steps))
 
     def forward_features(self, imgs: Tensor) -> Tensor:
         """The target encoder's tokens (what I-JEPA evaluates): (B, C, H, W) -> (B, 1 + N, D)."""

@@ -220,8 +220,13 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.with_ffn(x)[0]
+
+    def with_ffn(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The block's output and its MLP branch before the residual (data2vec's FFN targets)."""
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        ffn = self.ls2(self.mlp(self.norm2(x)))
+        return x + self.drop_path2(ffn), ffn
 
 
 def trunc_normal_init(module: nn.Module) -> None:
@@ -241,6 +246,20 @@ def rescale_blocks(blocks: nn.ModuleList) -> None:
     for i, blk in enumerate(blocks):
         for w in (blk.attn.proj.weight, blk.mlp.fc2.weight):
             w.data.div_((2.0 * (i + 1)) ** 0.5)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, parameter by parameter (same names); parameters
+    the student does not train (fixed sin-cos positions) are copied, as fairseq's EMAModule does."""
+    source = dict(student.named_parameters())
+    trained = [(t, source[name]) for name, t in teacher.named_parameters() if source[name].requires_grad]
+    if trained:
+        torch._foreach_mul_([t for t, _ in trained], decay)
+        torch._foreach_add_([t for t, _ in trained], [s.detach() for _, s in trained], alpha=1 - decay)
+    for name, t in teacher.named_parameters():
+        if not source[name].requires_grad:
+            t.copy_(source[name])
 
 
 def init_weights(module: nn.Module) -> None:
