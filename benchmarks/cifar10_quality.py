@@ -52,7 +52,9 @@ def calibrate_epochs(cfg, minutes: float, n_train: int, steps: int = 8) -> int:
         opt.step()
         opt.zero_grad()
     images_per_s = steps * cfg.train.batch_size / (time.perf_counter() - start)
-    return max(1, int(0.9 * minutes * 60 * images_per_s / n_train))  # 10% margin for logging, checkpoints
+    # The nearest whole number of epochs: the time budget (`train.max_minutes`) is what stops every method,
+    # so methods of different speeds get the same wall time, their cosine schedules ending near it.
+    return max(1, round(minutes * 60 * images_per_s / n_train))
 
 
 def phase_pretrain(method: str, args, out: Path) -> dict:
