@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from mimkit.config import size_pair
+
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
     """Visible patches per image: `int(N * (1 - ratio))`, exactly as MAE computes it."""
@@ -94,7 +96,7 @@ def block_mask(batch: int, grid: int | tuple[int, int], num_masked: int, *, min_
     masked, in grid (row-major) order; with `return_blocks`, also the accepted rectangles as rows
     (image, top, left, h, w) of an int64 tensor.
     """
-    H, W = (grid, grid) if isinstance(grid, int) else grid
+    H, W = size_pair(grid)
     if not 0 < num_masked < H * W:
         raise ValueError(f"num_masked must be in [1, {H * W - 1}], got {num_masked}")
     min_block = scaled_min_block(H * W) if min_block is None else min_block
@@ -201,7 +203,7 @@ def block_random_mask(batch: int, grid: int | tuple[int, int], scale: int, mask_
     """SimMIM's `MaskGenerator`: the h x w patches (`grid`; one int: square) fall into (h / scale) x
     (w / scale) square blocks of scale x scale patches; ceil(blocks * ratio) of them, a uniform random
     subset per image, are masked. Returns (B, h * w) bool in grid order, True = masked."""
-    h, w = (grid, grid) if isinstance(grid, int) else grid
+    h, w = size_pair(grid)
     if h % scale or w % scale:
         raise ValueError(f"a grid of {h} x {w} patches is not made of blocks of {scale}")
     bh, bw = h // scale, w // scale

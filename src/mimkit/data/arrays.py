@@ -44,8 +44,9 @@ def read_pixels(src: str | os.PathLike | bytes, channels: int) -> torch.Tensor:
     try:
         if is_array_file(src):
             array = _read_npy(name)
-        elif isinstance(src, (str, os.PathLike)) and name.lower().endswith((".tif", ".tiff")) and _tifffile():
-            array = _read_tiff(name)
+        elif isinstance(src, (str, os.PathLike)) and name.lower().endswith((".tif", ".tiff")) and \
+                (tifffile := _tifffile()) is not None:
+            array = _read_tiff(name, tifffile)
         else:
             with open_image(src) as im:
                 array = _pil_array(im, channels, name)
@@ -84,10 +85,9 @@ def _read_npy(path: str) -> np.ndarray:
     return np.array(mapped)
 
 
-def _read_tiff(path: str) -> np.ndarray:
-    """A TIFF's first series (all pages and bands) through tifffile, its shape checked before reading."""
-    import tifffile
-
+def _read_tiff(path: str, tifffile) -> np.ndarray:
+    """A TIFF's first series (all pages and bands) through the `tifffile` module, its shape checked
+    before reading."""
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         shape = tuple(s for s in series.shape if s != 1) or (1, 1)  # squeeze sample / page axes of length 1

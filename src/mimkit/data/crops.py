@@ -27,6 +27,7 @@ import random
 import torch
 from PIL import Image
 
+from mimkit.config import size_pair
 from mimkit.data.arrays import center_box, is_array_file, read_pixels, resample
 from mimkit.data.decode import chw, decode_image, open_image, to_rgb
 
@@ -69,7 +70,7 @@ def fallback_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[
 def dct_scale(h: int, w: int, size: int | tuple[int, int]) -> int:
     """The largest JPEG DCT reduction (8, 4, 2 or 1) that leaves a box of h x w pixels at least `size`
     ((height, width), or one side) pixels large."""
-    H, W = (size, size) if isinstance(size, int) else size
+    H, W = size_pair(size)
     return next(s for s in DCT_SCALES if h >= s * H and w >= s * W or s == 1)
 
 
@@ -81,7 +82,7 @@ class RandomResizedCrop:
 
     def __init__(self, size: int | tuple[int, int], scale: tuple[float, float] = (0.2, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), channels: int = 3):
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.size = size_pair(size)
         self.scale, self.ratio, self.channels = tuple(scale), tuple(ratio), channels
 
     def __repr__(self) -> str:
@@ -136,7 +137,7 @@ def sample_image(src: str | os.PathLike | bytes, load_size: int | tuple[int, int
         if channels == 3 and not is_array_file(src):
             return decode_image(src, load_size)
         pixels = read_pixels(src, channels)
-        size = (load_size, load_size) if isinstance(load_size, int) else load_size
+        size = size_pair(load_size)
         return resample(pixels, size, center_box(*pixels.shape[-2:], size)) if size[0] else pixels
     if crop is None:
         raise ValueError(f"sample {index} asked for a training crop (epoch key {key}) of a dataset built without one")

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from mimkit.config import size_pair
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 # Larger images are refused before their pixels are decoded (a decompression bomb is a few KB of PNG
 # that decodes to gigabytes): 2^28 pixels is 16384 x 16384, 768 MiB as RGB.
@@ -61,7 +63,7 @@ def decode_image(src: str | os.PathLike | bytes, size: int | tuple[int, int] = 0
     With a size (one side, or (h, w)), resize the image to cover it (bicubic, antialiased) and
     center-crop it to that size. Raises BadImageError for anything unreadable.
     """
-    H, W = (size, size) if isinstance(size, int) else size
+    H, W = size_pair(size)
 
     def central_box(im: Image.Image) -> Image.Image:
         rgb = to_rgb(im)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from mimkit.config import ConfigError, check_nonneg, check_open_unit, check_positive, check_range
 from mimkit.masking import gather_tokens, ids_from_mask, inverse_block_mask
-from mimkit.models.vit import VIT_SIZES, EncoderConfig, VisionTransformer, ema_update
+from mimkit.models.vit import VIT_SIZES, EncoderConfig, VisionTransformer, bert_init, copy_to_teacher, ema_update
 
 
 @dataclass
@@ -105,17 +105,6 @@ class Data2Vec2Output:
     """The regression and cls terms."""
 
 
-def _bert_init(module: nn.Module) -> None:
-    """fairseq's `init_bert_params` for linear layers and LayerNorms: N(0, 0.02) weights, zero biases."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 class Decoder2d(nn.Module):
     """fairseq's `Decoder2d`: grouped k x k convolutions, each followed by a LayerNorm over the channels
     (no affine) and GELU, with a residual around every layer whose width matches; a linear projection
@@ -155,13 +144,8 @@ class Data2Vec2(VisionTransformer):
         decoder (its `reset_parameters`); the teacher starts as a copy of the student, without gradients."""
         self.init_encoder()
         for module in (*self.blocks, self.norm):
-            module.apply(_bert_init)
-        self.reset_teacher()
-
-    def reset_teacher(self) -> None:
-        own = self.teacher.state_dict()
-        self.teacher.load_state_dict({k: v for k, v in self.state_dict().items() if k in own})
-        self.teacher.requires_grad_(False)
+            module.apply(bert_init)
+        copy_to_teacher(self.teacher, self)
 
     @torch.no_grad()
     def targets(self, imgs: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ from mimkit.models.vit import (
     EncoderConfig,
     VisionTransformer,
     check_width,
+    copy_to_teacher,
     ema_update,
     rescale_blocks,
     sincos_pos_embed_2d,
@@ -134,16 +135,7 @@ class IJEPA(VisionTransformer):
         self.pos_embed.data.copy_(sincos_pos_embed_2d(self.embed_dim, self.patch_embed.grid_size).unsqueeze(0))
         grid = self.patch_embed.grid_size
         self.predictor_pos_embed.data.copy_(sincos_pos_embed_2d(self.cfg.predictor_embed_dim, grid, cls_token=False))
-        self.reset_target()
-
-    def reset_target(self) -> None:
-        """The target encoder set to the context encoder's weights, without gradients."""
-        self.target_encoder.load_state_dict(self._student_state())
-        self.target_encoder.requires_grad_(False)
-
-    def _student_state(self) -> dict[str, Tensor]:
-        own = self.target_encoder.state_dict()
-        return {k: v for k, v in self.state_dict().items() if k in own}
+        copy_to_teacher(self.target_encoder, self)
 
     def make_masks(self, batch: int, generator: torch.Generator | None = None,
                    device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

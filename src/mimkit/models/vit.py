@@ -229,11 +229,10 @@ class Block(nn.Module):
         return x + self.drop_path2(ffn), ffn
 
 
-def trunc_normal_init(module: nn.Module) -> None:
-    """BEiT / SimMIM / I-JEPA initialisation: truncated N(0, 0.02) linear and convolution weights with
-    zero bias, unit LayerNorms."""
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+def _normal_init(module: nn.Module, draw, layers: tuple[type, ...]) -> None:
+    """`draw(weight, std=0.02)` for the weights of `layers`, zero biases; unit LayerNorms."""
+    if isinstance(module, layers):
+        draw(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -241,11 +240,31 @@ def trunc_normal_init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def trunc_normal_init(module: nn.Module) -> None:
+    """BEiT / SimMIM / I-JEPA initialisation: truncated N(0, 0.02) linear and convolution weights with
+    zero bias, unit LayerNorms."""
+    _normal_init(module, nn.init.trunc_normal_, (nn.Linear, nn.Conv2d))
+
+
+def bert_init(module: nn.Module) -> None:
+    """fairseq's `init_bert_params` for linear layers and LayerNorms (data2vec 2.0): N(0, 0.02) weights,
+    zero biases, unit LayerNorms."""
+    _normal_init(module, nn.init.normal_, (nn.Linear,))
+
+
 def rescale_blocks(blocks: nn.ModuleList) -> None:
     """BEiT's `fix_init_weight` (SimMIM, I-JEPA): block i's output projections divided by sqrt(2 (i + 1))."""
     for i, blk in enumerate(blocks):
         for w in (blk.attn.proj.weight, blk.mlp.fc2.weight):
             w.data.div_((2.0 * (i + 1)) ** 0.5)
+
+
+def copy_to_teacher(teacher: nn.Module, student: nn.Module) -> None:
+    """Set a teacher encoder (a `VisionTransformer`) to the student's weights of the same names, and take
+    its gradients away: how an EMA teacher starts (I-JEPA, data2vec 2.0)."""
+    own = teacher.state_dict()
+    teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k in own})
+    teacher.requires_grad_(False)
 
 
 @torch.no_grad()
