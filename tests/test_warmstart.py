@@ -120,3 +120,17 @@ def test_pretrain_records_where_it_started_and_a_resume_does_not_read_it_again(t
     assert json.loads(last)["step"] == 8
     assert main([*args, f"out_dir={tmp_path / 'again'}"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"mimkit: error: init: {weights}: no such file or directory"
+
+
+@pytest.mark.parametrize("method, preset, teacher", [("ijepa", "ijepa_vit_tiny_cifar_patch4", "target_encoder"),
+                                                     ("data2vec2", "data2vec2_vit_tiny_cifar_patch4", "teacher")])
+def test_an_ema_teacher_starts_from_the_loaded_encoder(tmp_path, method, preset, teacher):
+    torch.manual_seed(1)
+    source = build_model("mae", preset="mae_vit_tiny_cifar_patch4", depth=2, decoder_depth=1)
+    torch.save({"model": source.encoder_state_dict()}, tmp_path / "mae.pth")  # mae_pretrain_*: the encoder
+    model = build_model(method, preset=preset, depth=2, **({"average_top_k": 2} if method == "data2vec2" else {}))
+    info = init_from(model, tmp_path / "mae.pth")
+    assert teacher not in info["initialised"]
+    for name, value in getattr(model, teacher).state_dict().items():
+        assert torch.equal(value, source.state_dict()[name]), name
+    assert not any(p.requires_grad for p in getattr(model, teacher).parameters())

@@ -9,7 +9,8 @@ sin-cos ones, are the file's (a source's loss is reproduced exactly), resampled 
 grid differs, as for evaluation. The architecture must agree: a
 different width, depth, head count or patch size is a one-line error naming both values; RGB weights
 start a model of another channel count with their patch embedding adapted (`adapt_in_chans`). The
-optimizer and schedule start afresh: this is not a resume.
+optimizer and schedule start afresh: this is not a resume. A method's EMA teacher (I-JEPA, data2vec
+2.0) that the file lacks starts as a copy of the loaded encoder.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ def init_from(model: nn.Module, source: str | Path) -> dict:
                           f"{shorten(wrong, 4)}")
     model.load_state_dict(taken, strict=False)
     initialised = _parts(k for k in own_state if k not in taken)
+    teacher = getattr(model, "teacher_module", None)
+    if teacher in initialised:  # an EMA teacher starts from the loaded student, as it does from a fresh one
+        model.reset_teacher()
+        initialised.remove(teacher)
     ignored = _parts(k for k in state if k not in own_state)
     log.info("init: %d tensors of %s (%s) loaded; %s; %s", len(taken), weights.name, method,
              f"initialised as new: {', '.join(initialised)}" if initialised else "nothing initialised as new",

@@ -145,6 +145,12 @@ class Data2Vec2(VisionTransformer):
         self.init_encoder()
         for module in (*self.blocks, self.norm):
             module.apply(bert_init)
+        self.reset_teacher()
+
+    teacher_module = "teacher"
+
+    def reset_teacher(self) -> None:
+        """The teacher set to the student's weights, without gradients."""
         copy_to_teacher(self.teacher, self)
 
     @torch.no_grad()

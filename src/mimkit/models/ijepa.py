@@ -135,6 +135,12 @@ class IJEPA(VisionTransformer):
         self.pos_embed.data.copy_(sincos_pos_embed_2d(self.embed_dim, self.patch_embed.grid_size).unsqueeze(0))
         grid = self.patch_embed.grid_size
         self.predictor_pos_embed.data.copy_(sincos_pos_embed_2d(self.cfg.predictor_embed_dim, grid, cls_token=False))
+        self.reset_teacher()
+
+    teacher_module = "target_encoder"
+
+    def reset_teacher(self) -> None:
+        """The target encoder set to the context encoder's weights, without gradients."""
         copy_to_teacher(self.target_encoder, self)
 
     def make_masks(self, batch: int, generator: torch.Generator | None = None,
