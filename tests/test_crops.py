@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, JpegImagePlugin
+from resumed import equal_weights, interrupt_and_resume
 from test_data import _torchvision_rrc
 
 from mimkit.config import load_config
 from mimkit.data import ImageFolder, ShardDataset, make_loader, set_epoch, write_shards
 from mimkit.data.crops import RandomResizedCrop, dct_scale, draw_box, epoch_key
-from mimkit.train import checkpoint
 from mimkit.train.loop import pretrain
 
 MAE_SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
@@ -172,17 +172,6 @@ def test_folder_pretraining_with_worker_crops_resumes_exactly_and_ignores_the_wo
             "train.vis_images=2"]
     pretrain(load_config(None, [*args, "data.num_workers=2", f"out_dir={tmp_path / 'full'}"]))
 
-    class Stop(Exception):
-        pass
-
-    def stop(info):
-        if info.step == 5:
-            raise Stop
-
     cut = load_config(None, [*args, "data.num_workers=0", f"out_dir={tmp_path / 'cut'}"])
-    with pytest.raises(Stop):
-        pretrain(cut, hooks=[stop])
-    pretrain(cut, resume="auto")  # from step 4, mid-epoch, with no workers
-    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "checkpoint-00000009.pt")["model"]
-    b = checkpoint.load(tmp_path / "cut" / "checkpoints" / "checkpoint-00000009.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    interrupt_and_resume(cut, 5)  # resumed from step 4, mid-epoch, with no workers
+    equal_weights(tmp_path / "full", tmp_path / "cut", 9)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from resumed import equal_weights, interrupt_and_resume
 
 from mimkit.architecture import with_img_size
 from mimkit.cli import main
@@ -238,20 +239,8 @@ def test_other_shapes_and_channels_pretrain_resume_exactly_evaluate_and_draw(cas
             "train.batch_size=4", "train.epochs=2", "train.ckpt_every=3", "train.vis_images=2"]
     pretrain(load_config(None, [*args, f"out_dir={tmp_path / 'full'}"]))
 
-    class Stop(Exception):
-        pass
-
-    def stop(info):
-        if info.step == 4:
-            raise Stop
-
-    cut = load_config(None, [*args, f"out_dir={tmp_path / 'cut'}"])
-    with pytest.raises(Stop):
-        pretrain(cut, hooks=[stop])
-    pretrain(cut, resume="auto")  # from step 3, mid-epoch
-    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "checkpoint-00000006.pt")["model"]
-    b = checkpoint.load(tmp_path / "cut" / "checkpoints" / "checkpoint-00000006.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    interrupt_and_resume(load_config(None, [*args, f"out_dir={tmp_path / 'cut'}"]), 4)  # from step 3, mid-epoch
+    equal_weights(tmp_path / "full", tmp_path / "cut", 6)
 
     with Image.open(tmp_path / "full" / "pictures" / "recon-00000006.png") as im:
         picture = np.asarray(im)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from resumed import equal_weights, interrupt_and_resume
 from test_cae import _randomize
 
 from mimkit.cli import main
@@ -13,7 +14,6 @@ from mimkit.config import ConfigError
 from mimkit.export import mae_to_hf
 from mimkit.masking import block_random_mask
 from mimkit.models import build_model
-from mimkit.train import checkpoint
 
 TINY = dict(preset="simmim_vit_tiny_cifar_patch4", depth=2)
 RECIPE = "configs/pretrain/simmim_vit_tiny_cifar10.yaml"
@@ -83,23 +83,10 @@ def test_training_resume_pictures_evaluation_and_export_through_the_shared_paths
     assert losses[-1] < 0.92 * losses[0]  # 0.83 -> 0.73 in 24 steps here
     assert (tmp_path / "full" / "pictures" / "recon-00000024.png").is_file()
 
-    class Stop(Exception):
-        pass
-
     from mimkit.config import load_config
-    from mimkit.train.loop import pretrain
 
-    def stop(info):
-        if info.step == 13:
-            raise Stop
-
-    cut = load_config(RECIPE, [*args[2:], f"out_dir={tmp_path / 'cut'}"])
-    with pytest.raises(Stop):
-        pretrain(cut, hooks=[stop])
-    pretrain(cut, resume="auto")
-    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "checkpoint-00000024.pt")["model"]
-    b = checkpoint.load(tmp_path / "cut" / "checkpoints" / "checkpoint-00000024.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    interrupt_and_resume(load_config(RECIPE, [*args[2:], f"out_dir={tmp_path / 'cut'}"]), 13)
+    a = equal_weights(tmp_path / "full", tmp_path / "cut", 24)
 
     ckpt = str(tmp_path / "full" / "checkpoints" / "checkpoint-00000024.pt")
     assert main(["eval", "knn", ckpt, "data.limit=200", f"out_dir={tmp_path / 'knn'}"]) == 0
