@@ -23,7 +23,8 @@ def channel_stats(folder: str, channels: int = 3, limit: int = 0) -> dict:
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
     pixels, images, skipped = 0, 0, []
-    for i in spread(len(files), limit):
+    chosen = spread(len(files), limit)
+    for i in chosen:
         try:
             x = read_pixels(files.path(i), channels).double().div_(255).flatten(1)  # (C, H * W)
         except BadImageError as e:
@@ -34,7 +35,7 @@ def channel_stats(folder: str, channels: int = 3, limit: int = 0) -> dict:
         pixels += x.shape[1]
         images += 1
     if not images:
-        raise DataError(f"{folder}: no readable image among {len(files)} file(s)"
+        raise DataError(f"{folder}: no readable image among the {len(chosen)} file(s) read"
                         + (f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""))
     mean = total / pixels
     std = (squares / pixels - mean * mean).clamp_min(0).sqrt()
