@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
 
+from common import pretrain_images_per_s, run_phase
 from mimkit.config import load_config
 
 ROOT = Path(__file__).parents[1]
@@ -34,24 +34,7 @@ PHASES = ("pretrain", "curve", "baselines", "finetune", "report")
 
 def calibrate_epochs(cfg, minutes: float, n_train: int, steps: int = 8) -> int:
     """Epochs that fit in `minutes`, from the speed of a few training steps of this recipe's model."""
-    from mimkit.data import PretrainAugment
-    from mimkit.models import METHODS, resolve_model_config
-    from mimkit.train.optim import build_adamw
-
-    model_cfg = resolve_model_config(cfg.method, cfg.model)
-    torch.manual_seed(0)
-    model = METHODS[cfg.method][1](model_cfg)
-    opt = build_adamw(model, 1e-4, cfg.train.weight_decay, cfg.train.betas)
-    augment = PretrainAugment(model_cfg.img_size, mean=cfg.data.mean, std=cfg.data.std)
-    g = torch.Generator().manual_seed(0)
-    imgs = torch.randint(0, 256, (cfg.train.batch_size, 3, 32, 32), dtype=torch.uint8)
-    for i in range(steps + 2):
-        if i == 2:
-            start = time.perf_counter()
-        model(augment(imgs, g), generator=g).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    images_per_s = steps * cfg.train.batch_size / (time.perf_counter() - start)
+    images_per_s = pretrain_images_per_s(cfg, steps)
     # The nearest whole number of epochs: the time budget (`train.max_minutes`) is what stops every method,
     # so methods of different speeds get the same wall time, their cosine schedules ending near it.
     return max(1, round(minutes * 60 * images_per_s / n_train))
@@ -156,19 +139,6 @@ def phase_finetune(method: str, args, out: Path, scratch: bool) -> dict:
         f"train.max_minutes={1.5 * args.finetune_minutes}", f"finetune.scratch={str(scratch).lower()}"])
     result = evaluate(cfg)
     return {"top1": result["top1"], "top5": result["top5"], "images": min(images, 50_000), "steps": result["steps"]}
-
-
-def run_phase(name: str, out: Path, fn, *fn_args) -> dict:
-    """Run `fn` unless out/name.json exists; store and return its result."""
-    path = out / f"{name}.json"
-    if path.exists():
-        print(f"{name}: done before ({path})")
-        return json.loads(path.read_text())
-    start = time.perf_counter()
-    result = fn(*fn_args)
-    result["phase_minutes"] = (time.perf_counter() - start) / 60
-    path.write_text(json.dumps(result, indent=2))
-    return result
 
 
 def report(args, out: Path, results: dict) -> None:

@@ -1,9 +1,11 @@
-"""What every benchmark script shares: a description of the machine and writing the JSON report."""
+"""What every benchmark script shares: a description of the machine, writing the JSON report, and phases
+that are skipped when an earlier (interrupted) run already wrote their JSON."""
 
 from __future__ import annotations
 
 import json
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -30,3 +32,50 @@ def write_report(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
+
+
+def run_phase(name: str, out: Path, fn, *fn_args) -> dict:
+    """Run `fn` unless out/name.json exists; store and return its result (with the phase's minutes)."""
+    path = out / f"{name}.json"
+    if path.exists():
+        print(f"{name}: done before ({path})")
+        return json.loads(path.read_text())
+    start = time.perf_counter()
+    result = fn(*fn_args)
+    result["phase_minutes"] = (time.perf_counter() - start) / 60
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def pretrain_images_per_s(cfg, steps: int = 8) -> float:
+    """Training speed of a pretraining config's model and augmentation on random 32 px images (after two
+    warm-up steps), with the memory settings every training run uses (`train.keep_memory`)."""
+    from mimkit.data import PretrainAugment
+    from mimkit.models import METHODS, resolve_model_config
+    from mimkit.train.malloc import keep_freed_memory
+    from mimkit.train.optim import build_adamw
+
+    keep_freed_memory()
+    model_cfg = resolve_model_config(cfg.method, cfg.model)
+    torch.manual_seed(0)
+    model = METHODS[cfg.method][1](model_cfg)
+    opt = build_adamw(model, 1e-4, cfg.train.weight_decay, cfg.train.betas)
+    augment = PretrainAugment(model_cfg.img_size, mean=cfg.data.mean, std=cfg.data.std)
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (cfg.train.batch_size, 3, 32, 32), dtype=torch.uint8)
+
+    def step():
+        model(augment(imgs, g), generator=g).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return cfg.train.batch_size / seconds_per_call(step, steps)
+
+
+def seconds_per_call(fn, calls: int) -> float:
+    """Seconds per call of `fn`, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls

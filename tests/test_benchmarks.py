@@ -67,3 +67,17 @@ def test_data_loading(tmp_path):
             assert r["per_cpu_vs_before"] == pytest.approx(r["images_per_cpu_s"] / runs["before"]["images_per_cpu_s"])
             assert r["per_cpu_vs_reference"] == pytest.approx(
                 r["images_per_cpu_s"] / runs["reference"]["images_per_cpu_s"])
+
+
+def test_few_labels(tmp_path):
+    report = run("few_labels", tmp_path, "--methods", "mae")
+    table, margins = report["table"], report["margins"]
+    assert set(table) == {"100/scratch, same fine-tuning budget", "100/scratch, equal total compute",
+                          "100/mae + fine-tuning", "100/mae + linear probe", "100/random init + linear probe"}
+    for row in table.values():
+        assert row["n"] == 2 and row["mean"] == pytest.approx(sum(row["top1"]) / 2)
+        assert row["spread"] == pytest.approx(max(row["top1"]) - min(row["top1"]))
+    m = margins["100/mae"]
+    assert m["margin"] == pytest.approx(table["100/mae + fine-tuning"]["mean"]
+                                        - table["100/scratch, equal total compute"]["mean"])
+    assert (tmp_path / "few_labels_runs" / "few_labels.png").is_file()

@@ -141,6 +141,18 @@ def test_every_protocol_runs_on_a_demo_checkpoint(demo_checkpoint, protocol, ext
         assert len(list((tmp_path / "checkpoints").glob("checkpoint-*.pt"))) >= 1
 
 
+@pytest.mark.parametrize("every, validated_epochs", [(2, [2, 4]), (0, [])])
+def test_val_every_scores_every_n_epochs_or_only_at_the_end(demo_checkpoint, every, validated_epochs, tmp_path):
+    args = ["probe.augment=false", "train.epochs=4", "train.batch_size=128", "data.limit=512"]
+    assert main(["eval", "linprobe", str(demo_checkpoint), *args, f"val_every={every}", f"out_dir={tmp_path}"]) == 0
+    scored = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "val_top1" in r]
+    assert scored == [4 * e for e in validated_epochs]  # 4 steps per epoch
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["steps"] == 16 and 0 <= result["top1"] <= 100
+    if not every:  # scored once, at the end: that is the best there is
+        assert result["best"]["top1"] == result["top1"] and not (tmp_path / "best.pt").exists()
+
+
 def test_eval_reads_every_source_mimkit_load_reads(demo_checkpoint, tmp_path, capsys):
     """A Hugging Face export of the checkpoint scores what the checkpoint scores (same encoder)."""
     assert main(["export", str(demo_checkpoint), "--to", "hf", "--encoder-only", "--out", str(tmp_path / "hf")]) == 0

@@ -17,6 +17,7 @@ from mimkit.metrics import read_metrics
 from mimkit.models.mae import MAE
 from mimkit.train import checkpoint
 from mimkit.train.loop import NonFiniteLossError, pretrain
+from mimkit.train.optim import cosine_lr
 
 # 256 CIFAR images, a 2-block encoder and 1-block decoder: 8 steps per epoch of batch 32.
 TINY = [
@@ -49,6 +50,17 @@ def test_loss_goes_down_along_the_golden_trajectory(tmp_path, cache):
     assert summary["step"] == 16 and summary["checkpoint"] == tmp_path / "checkpoints" / "checkpoint-00000016.pt"
     assert (tmp_path / "pictures" / "recon-00000016.png").is_file()
     assert load_config(tmp_path / "config.yaml").train.epochs == 2  # the resolved config loads back
+
+
+def test_schedule_steps_sets_a_run_and_schedule_of_any_length(tmp_path, cache):
+    """train.schedule_steps=12 with 8 steps per epoch: 1.5 epochs, the cosine schedule ending at step 12."""
+    summary = pretrain(tiny(tmp_path, cache, "train.schedule_steps=12", "train.vis_images=0"))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert summary["step"] == 12 and records[-1]["step"] == 12 and records[-1]["epoch"] == 1.5
+    base = 4e-3 * 32 / 256  # blr x batch / 256; warmup 0.5 epochs = 4 steps
+    for r in records:  # the lr logged at a step is the one that step trained with (the schedule at step - 1)
+        assert r["lr"] == pytest.approx(cosine_lr(r["step"] - 1, 12, 4, base), rel=1e-6)
+    assert records[-1]["lr"] < 0.05 * base  # one step before the end of the cosine (epochs=2 would be at 0.35)
 
 
 def _crash_at(step: int, out: Path, cache: str) -> int:

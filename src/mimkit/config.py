@@ -150,6 +150,9 @@ class TrainConfig:
     """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
     seed: int = 0
     """Seeds weights, data order, augmentation and masks; a CPU run is bit-for-bit repeatable."""
+    schedule_steps: int = 0
+    """Length of the run and of its learning-rate schedule in optimizer steps, instead of `epochs` (0 = epochs x
+    steps per epoch): budgets that are not whole epochs. Warmup is still counted in epochs."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs); the schedule still spans all epochs."""
     max_minutes: float = 0.0
@@ -185,7 +188,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accum_steps", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)!r}")
-        for name in ("blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "max_steps", "max_minutes",
+        for name in ("blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "schedule_steps",
+                     "max_steps", "max_minutes",
                      "ckpt_every", "vis_images"):
             check_nonneg(f"train.{name}", getattr(self, name))
         if not all(0.0 <= b < 1.0 for b in self.betas):

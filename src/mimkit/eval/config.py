@@ -91,6 +91,9 @@ class EvalConfig:
     """Labelled data: `split` is the training split (the kNN bank, the probe's training set)."""
     val_split: str = "test"
     """Split that is scored."""
+    val_every: int = 1
+    """Supervised protocols: score `val_split` (and keep the best checkpoint) every N epochs; 0 = once, at the
+    end (few labels make epochs short: scoring a whole split after each one would cost more than training)."""
     img_size: int | tuple[int, int] = 0
     """Evaluation resolution, one side or [height, width] (0 = the model's); position embeddings are
     interpolated when it differs."""
@@ -109,6 +112,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_choice("protocol", self.protocol, tuple(PROTOCOL_DEFAULTS))
         check_choice("val_split", self.val_split, ("train", "test"))
+        check_nonneg("val_every", self.val_every)
         if self.img_size != 0:  # 0: the model's
             check_size("img_size", self.img_size)
         if not 0.0 <= self.crop_pct <= 1.0:

@@ -129,11 +129,13 @@ def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, kind: s
     if isinstance(model, VisionTransformer):
         entry = {"method": "vit", "config": {**entry["config"], "model": model.arch}}
 
+    scored = {}  # step -> metrics, so that a validation at the last step is not run twice
+
     def validate(info: StepInfo) -> dict | None:
-        if not info.end_of_epoch:
+        if not (info.end_of_epoch and cfg.val_every and (info.epoch + 1) % cfg.val_every == 0):
             return None
         model.eval()
-        metrics = predict(model, val_set, val_transform, cfg.train.batch_size, ctx.device, empty)
+        metrics = scored[info.step] = predict(model, val_set, val_transform, cfg.train.batch_size, ctx.device, empty)
         model.train()
         if metrics["top1"] > best["top1"]:  # the same metrics, so the same decision, in every process
             best.clear()
@@ -148,7 +150,8 @@ def train_classifier(ctx: Context, model: nn.Module, loss_fn, optimizer, kind: s
                   kind=kind, strict=cfg.data.strict, num_workers=cfg.data.num_workers, resume=resume,
                   hooks=[validate])
     model.eval()
-    last = predict(model, val_set, val_transform, cfg.train.batch_size, ctx.device, empty)
+    last = scored.get(summary["step"]) or predict(model, val_set, val_transform, cfg.train.batch_size, ctx.device,
+                                                  empty)
     return {**last, "best": best if best["top1"] >= 0 else dict(last), "steps": summary["step"]}
 
 

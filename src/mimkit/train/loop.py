@@ -225,7 +225,7 @@ class Plan(NamedTuple):
     """Micro-batches of an epoch, per process (taken before any resume shortens the loader)."""
     steps_per_epoch: int
     total_steps: int
-    """Steps of the schedule: epochs x steps per epoch."""
+    """Steps of the schedule: train.schedule_steps, or epochs x steps per epoch."""
     last_step: int
     """Where the run stops: total_steps, or train.max_steps if smaller."""
     effective_batch: int
@@ -243,7 +243,7 @@ class Plan(NamedTuple):
             raise TrainingError(f"the dataset has {images} images, fewer than one optimizer step needs "
                                 f"(train.batch_size={t.batch_size} x train.accum_steps={t.accum_steps} x {world} "
                                 "process(es))")
-        total = t.epochs * steps_per_epoch
+        total = t.schedule_steps or t.epochs * steps_per_epoch
         effective_batch = t.batch_size * t.accum_steps * world
         return cls(per_epoch, steps_per_epoch, total, min(total, t.max_steps) if t.max_steps else total,
                    effective_batch, t.lr or t.blr * effective_batch / 256,  # MAE's linear scaling rule
@@ -315,7 +315,7 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
                 if on_checkpoint is not None:
                     metrics.image("pictures", on_checkpoint(run.step), run.step)
             if end_of_epoch and main:
-                bar.write(f"epoch {run.epoch + 1}/{t.epochs}  step {run.step}  loss {last_loss:.4f}  lr {lr:.3g}")
+                bar.write(f"epoch {run.epoch + 1}/{plan.total_steps / plan.steps_per_epoch:.3g}  step {run.step}  loss {last_loss:.4f}  lr {lr:.3g}")
     except RuntimeError as e:  # torch reports a dead loader worker wherever the process is
         if isinstance(e, TrainingError) or (died := _worker_died(e)) is None:
             raise
