@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mimkit.cli import main
-from mimkit.config import load_config
+from mimkit.config import ConfigError, load_config
 from mimkit.data import DataError, build_dataset, make_loader, set_epoch
 from mimkit.data.crops import RandomResizedCrop
 from mimkit.train import checkpoint
@@ -113,3 +113,77 @@ def test_a_path_column_naming_a_fifo_is_a_counted_skip_not_a_hang(tmp_path):
     ds = build_dataset("hf", str(tmp_path / "saved"), "train", 32, load_size=32, cache_dir=str(tmp_path))
     assert ds[0].image is None and ds[0].reason == "not a regular file"
     assert ds[1].image.shape == (3, 32, 32)
+
+
+def _paths(loader, epoch):
+    set_epoch(loader, epoch)
+    return [(b["labels"].tolist(), b["images"].sum().item(), [p for p, _ in b["skipped"]]) for b in loader]
+
+
+@pytest.mark.parametrize("layout", ["saved", "parquet"])
+def test_a_stream_is_one_sequence_per_epoch_whatever_the_workers(saved, layout, tmp_path):
+    def stream(**kw):
+        return build_dataset("hf", str(saved / layout), "train", 32, load_size=36, columns=("img", "cls"),
+                             cache_dir=str(tmp_path), streaming=True, shuffle_buffer=16, **kw)
+
+    ds = stream()
+    assert len(ds) == N and ds.classes == ["cat", "dog", "fox"]
+    assert [s.label for s in ds.first(4)] == [0, 1, 2, 0] and ds.first(1)[0].image.shape == (3, 36, 36)
+    one, two = make_loader(ds, 8, seed=3, num_workers=0), make_loader(ds, 8, seed=3, num_workers=2)
+    epoch0 = _paths(one, 0)
+    assert _paths(two, 0) == epoch0 and len(epoch0) == N // 8  # the same batches, in the same order
+    assert sum(len(labels) for labels, _, _ in epoch0) == N - 1  # every row once; the bad one skipped
+    assert [p for *_, skipped in epoch0 for p in skipped] != [] and _paths(one, 1) != epoch0  # reshuffled
+    assert sorted(lab for labels, _, _ in epoch0 for lab in labels) == sorted(
+        [i % 3 for i in range(N) if i != 7])
+    # Two ranks share each epoch batch by batch: rank r takes the global batches b with b % 2 == r.
+    ranks = [make_loader(ds, 8, seed=3, rank=r, world_size=2, num_workers=r) for r in (0, 1)]
+    assert len(ranks[0].dataset) == 16  # 40 rows: two whole batches each, the fifth batch left out
+    interleaved = [batch for pair in zip(_paths(ranks[0], 0), _paths(ranks[1], 0)) for batch in pair]
+    assert interleaved == epoch0[:4]
+    # Resuming mid-epoch skips whole batches and goes on with the same ones, with workers too.
+    set_epoch(two, 0, start=16)
+    assert [(b["labels"].tolist(), b["images"].sum().item(), [p for p, _ in b["skipped"]]) for b in two] == epoch0[2:]
+    assert len(stream(limit=10)) == 10
+
+
+def test_stream_errors_are_one_line(saved, tmp_path):
+    root = tmp_path / "intlabels"
+    datasets.Dataset.from_dict({"image": [{"bytes": _jpeg(0), "path": None}], "label": [3]},
+                               features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+                               ).save_to_disk(str(root))
+    with pytest.raises(DataError, match=r"^data.label_column: 'label' of .* is not a ClassLabel, so a stream cannot"):
+        build_dataset("hf", str(root), "train", 32, streaming=True)
+    with pytest.raises(DataError, match=r"^data.image_column: .* has no column 'image' \(its columns: img, cls\)$"):
+        build_dataset("hf", str(saved / "parquet"), "train", 32, streaming=True)
+    with pytest.raises(ConfigError, match=r"^data.streaming: only for data.dataset=hf \(shards always stream\), got "
+                                          r"folder$"):
+        load_config(None, ["data.dataset=folder", "data.streaming=true"])
+
+
+def test_streamed_pretraining_resumes_exactly_and_evaluates(saved, tmp_path):
+    args = ["data.dataset=hf", "data.streaming=true", f"data.root={saved / 'parquet'}", "data.image_column=img",
+            "data.label_column=cls", "data.num_workers=2", "data.shuffle_buffer=16",
+            f"data.cache_dir={tmp_path / 'c'}", "model.preset=mae_vit_tiny_cifar_patch4", "model.depth=1",
+            "model.decoder_depth=1", "train.batch_size=8", "train.epochs=3", "train.ckpt_every=2", "train.vis_images=2"]
+    full = pretrain(load_config(None, [*args, f"out_dir={tmp_path / 'full'}"]))
+    assert full["step"] == 15 and len(full["skipped"]) == 3  # the bad row, once per epoch (named by its place)
+
+    class Stop(Exception):
+        pass
+
+    def stop(info):
+        if info.step == 7:
+            raise Stop
+
+    cut = load_config(None, [*args, f"out_dir={tmp_path / 'cut'}"])
+    with pytest.raises(Stop):
+        pretrain(cut, hooks=[stop])
+    pretrain(cut, resume="auto")  # from step 6, mid-epoch
+    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "checkpoint-00000015.pt")["model"]
+    b = checkpoint.load(tmp_path / "cut" / "checkpoints" / "checkpoint-00000015.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = str(tmp_path / "full" / "checkpoints" / "checkpoint-00000015.pt")
+    assert main(["eval", "knn", ckpt, "data.split=train", "val_split=train", f"out_dir={tmp_path / 'knn'}"]) == 0
+    result = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert 0 <= result["top1"] <= 100 and result["config"]["data"]["streaming"] is True

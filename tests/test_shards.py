@@ -150,6 +150,10 @@ def test_pretraining_streams_shards_and_resumes_exactly(shards, tmp_path):
     a = checkpoint.load(tmp_path / "full" / "checkpoints" / "checkpoint-00000018.pt")["model"]
     b = checkpoint.load(tmp_path / "cut" / "checkpoints" / "checkpoint-00000018.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # Evaluation reads the same stream (its decoded size came from dataset[i], which a stream has not).
+    ckpt = str(tmp_path / "full" / "checkpoints" / "checkpoint-00000018.pt")
+    assert main(["eval", "knn", ckpt, "data.split=train", "val_split=train", f"out_dir={tmp_path / 'knn'}"]) == 0
+    assert 0 <= json.loads((tmp_path / "knn" / "results.json").read_text())["top1"] <= 100
 
 
 def test_make_loader_splits_a_stream(shards):

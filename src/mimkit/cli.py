@@ -83,7 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     weights = read_weights(args.checkpoint)  # any source mimkit.load reads, read once
     # Unless told otherwise, evaluate on the pretraining data source with its normalisation.
     trained = weights.data
-    source = ("dataset", "root", "image_column", "label_column", "mean", "std", "cache_dir")
+    source = ("dataset", "root", "image_column", "label_column", "streaming", "mean", "std", "cache_dir")
     base = {"data": {k: trained[k] for k in source if k in trained}}
     given = {"checkpoint": args.checkpoint, **({"data": {"root": args.data}} if args.data is not None else {})}
     cfg = load_eval_config(args.protocol, args.config, args.overrides, base=base, given=given)

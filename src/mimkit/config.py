@@ -87,13 +87,18 @@ class DataConfig:
     limit: int = 0
     """Use only N samples spread evenly over the dataset (0 = all), for quick runs."""
     shuffle_buffer: int = 1000
-    """Shards: samples read into memory and shuffled together (after the shard order is shuffled per epoch)."""
+    """Shards and hf streams: samples read into memory and shuffled together (after the shard order is shuffled
+    per epoch)."""
     max_member_bytes: int = 1 << 26
     """Shards: a member larger than this many bytes (default 64 MiB) is skipped as unreadable, never read."""
     image_column: str = "image"
     """hf: the column holding the images (an Image feature, bytes or paths)."""
     label_column: str = "label"
     """hf: the column holding the labels (a ClassLabel names the classes); absent: every label is 0."""
+    streaming: bool = False
+    """hf: read the split as a stream (`datasets` streaming: parquet and arrow files as they are, with no arrow
+    cache built; a Hub id straight from the Hub) instead of memory-mapping it; shuffled in `shuffle_buffer`
+    rows, resumed exactly. The label column must then be a ClassLabel (or absent)."""
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, ("cifar10", "folder", "shards", "hf"))
@@ -101,6 +106,8 @@ class DataConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)!r}")
         check_choice("data.split", self.split, ("train", "test"))
+        if self.streaming and self.dataset != "hf":
+            raise ConfigError(f"data.streaming: only for data.dataset=hf (shards always stream), got {self.dataset}")
         check_range("data.scale", self.scale, 0.0, 1.0)
         if self.scale[1] <= 0:
             raise ConfigError(f"data.scale: max must be > 0, got {list(self.scale)}")

@@ -11,7 +11,7 @@ from mimkit.data.cifar import CIFAR10, load_cifar10
 from mimkit.data.crops import RandomResizedCrop
 from mimkit.data.decode import DataError
 from mimkit.data.folder import ImageFolder
-from mimkit.data.hf import HFImageDataset
+from mimkit.data.hf import HFImageDataset, HFStream
 from mimkit.data.shards import MAX_MEMBER_BYTES, ShardDataset
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def dataset_of(d: DataConfig, img_size: int | tuple[int, int], split: str | None
                          strict=d.strict if strict is None else strict, cache_dir=d.cache_dir,
                          limit=d.limit if limit is None else limit, shuffle_buffer=d.shuffle_buffer,
                          max_member_bytes=d.max_member_bytes, crop=crop, columns=(d.image_column, d.label_column),
-                         channels=channels)
+                         channels=channels, streaming=d.streaming)
 
 
 def load_pair(load_size: int | tuple[int, int], img_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -50,8 +50,8 @@ def build_dataset(
     dataset: str, root: str, split: str, img_size: int | tuple[int, int], *, load_size: int | tuple[int, int] = 0,
     strict: bool = False, cache_dir: str | None = "~/.cache/mimkit", limit: int = 0, shuffle_buffer: int = 1000,
     max_member_bytes: int = MAX_MEMBER_BYTES, crop: RandomResizedCrop | None = None,
-    columns: tuple[str, str] = ("image", "label"), channels: int = 3,
-) -> ImageFolder | CIFAR10 | ShardDataset | HFImageDataset:
+    columns: tuple[str, str] = ("image", "label"), channels: int = 3, streaming: bool = False,
+) -> ImageFolder | CIFAR10 | ShardDataset | HFImageDataset | HFStream:
     """The dataset a DataConfig describes.
 
     "cifar10": see load_cifar10 (images stay 32x32; the augmentation resizes to img_size).
@@ -59,7 +59,8 @@ def build_dataset(
     `load_pair(load_size, img_size)`; images and .npy arrays of any `channels` (the others: RGB only).
     "shards": a ShardDataset stream (mimkit.data.shards) over root/split if that folder exists, else
     root (a shard folder or a brace/glob pattern), decoding like "folder".
-    "hf": a Hugging Face `datasets` dataset (`mimkit.data.hf`), image and label `columns`, decoding like "folder".
+    "hf": a Hugging Face `datasets` dataset (`mimkit.data.hf`), image and label `columns`, decoding like "folder";
+    with `streaming`, an `HFStream` (read in order, shuffled in `shuffle_buffer` rows, like shards).
     With a `crop`, folders, shards and hf datasets also give each sample's training crop (see ImageFolder).
     """
     if dataset not in ("cifar10", "folder", "shards", "hf"):
@@ -70,6 +71,9 @@ def build_dataset(
     if dataset == "cifar10":
         return load_cifar10(root, split, cache_dir=cache_dir, strict=strict, limit=limit)
     load = load_pair(load_size, img_size)
+    if dataset == "hf" and streaming:
+        return HFStream(root, split, load, *columns, shuffle_buffer=shuffle_buffer, limit=limit, cache_dir=cache_dir,
+                        crop=crop)
     if dataset == "hf":
         return HFImageDataset(root, split, load, *columns, limit=limit, cache_dir=cache_dir, crop=crop)
     sub = os.path.join(os.path.expanduser(root), split)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterator, Sequence
 
@@ -89,6 +90,36 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.share - self.start
+
+
+class Stream(IterableDataset):
+    """A dataset read in order (`ShardDataset`, `HFStream`) that splits itself over ranks and loader workers:
+    `split` gives the view one rank iterates (what `make_loader` does), `set_epoch(epoch, start)` selects
+    the epoch and resumes it after `start` samples. A subclass sets `num_samples` and implements `__len__`
+    (samples of the view per epoch) and `__iter__`; the dataset itself is rank 0 of 1, unshuffled."""
+
+    rank, world_size, batch_size, seed, shuffle, epoch, start = 0, 1, 0, 0, False, 0, 0
+    num_samples: int
+
+    def split(self, rank: int, world_size: int, batch_size: int = 0, seed: int = 0, shuffle: bool = True) -> Stream:
+        """The view of one rank: its share of every epoch, whole batches of `batch_size` (0: every sample once)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        view = copy.copy(self)
+        view.rank, view.world_size, view.batch_size = rank, world_size, batch_size
+        view.seed, view.shuffle, view.epoch, view.start = seed, shuffle, 0, 0
+        if len(view) == 0:
+            raise ValueError(f"{self.num_samples} samples cannot give each of {world_size} rank(s) a batch of "
+                             f"{batch_size}")
+        return view
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch and skip the first `start` samples of this view's share (whole batches)."""
+        if start and (not self.batch_size or start % self.batch_size):
+            raise ValueError(f"start {start} must be a multiple of the batch size {self.batch_size}")
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start {start} is outside this rank's {len(self)} samples")
+        self.epoch, self.start = epoch, start
 
 
 def make_loader(

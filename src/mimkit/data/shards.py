@@ -29,7 +29,6 @@ mid-epoch by skipping whole shards and undecoded samples.
 
 from __future__ import annotations
 
-import copy
 import glob
 import hashlib
 import io
@@ -43,12 +42,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
 from mimkit.data.arrays import is_array_file
 from mimkit.data.crops import RandomResizedCrop, epoch_key, sample_image
 from mimkit.data.decode import IMG_EXTENSIONS, BadImageError, DataError, Sample, open_image, to_rgb
 from mimkit.data.folder import ImageFolder
+from mimkit.data.loader import Stream
 
 INDEX = "index.json"
 FORMAT = "webdataset"
@@ -324,7 +324,7 @@ def _decode(path: str, stem: str, fields: dict[str, bytes], load_size: int, num_
         return Sample(None, label, where, e.reason)
 
 
-class ShardDataset(IterableDataset):
+class ShardDataset(Stream):
     """Samples streamed from tar shards (see the module docstring), uint8 (3, S, S) like `ImageFolder`:
     resized to `load_size` and center-cropped, or with a `crop`, each sample's training crop, drawn for
     its position in the epoch's sequence (`crops.RandomResizedCrop`).
@@ -350,29 +350,6 @@ class ShardDataset(IterableDataset):
                     left -= n
             self.shards = kept
         self.num_samples = sum(n for _, n in self.shards)
-        self.rank, self.world_size, self.batch_size, self.seed, self.shuffle = 0, 1, 0, 0, False
-        self.epoch, self.start = 0, 0
-
-    def split(self, rank: int, world_size: int, batch_size: int = 0, seed: int = 0,
-              shuffle: bool = True) -> ShardDataset:
-        """The view of one rank: its share of every epoch (see the class docstring)."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        view = copy.copy(self)
-        view.rank, view.world_size, view.batch_size = rank, world_size, batch_size
-        view.seed, view.shuffle, view.epoch, view.start = seed, shuffle, 0, 0
-        if len(view) == 0:
-            raise ValueError(f"{self.num_samples} samples cannot give each of {world_size} rank(s) a batch of "
-                             f"{batch_size}")
-        return view
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch and skip the first `start` samples of this view's share (whole batches)."""
-        if start and (not self.batch_size or start % self.batch_size):
-            raise ValueError(f"start {start} must be a multiple of the batch size {self.batch_size}")
-        if not 0 <= start <= len(self):
-            raise ValueError(f"start {start} is outside this rank's {len(self)} samples")
-        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         """Samples this view yields per epoch, over all its workers."""

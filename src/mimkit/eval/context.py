@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import IterableDataset
 
 from mimkit.architecture import encoder_of, with_img_size
 from mimkit.config import DataConfig, to_dict
@@ -63,7 +64,8 @@ def vit_from(model: nn.Module, img_size: int | None = None, **changes) -> Vision
 
 def decoded_height(dataset) -> int:
     """Height of the images a dataset yields (its workers already resized them)."""
-    return next(s.image.shape[-2] for s in (dataset[i] for i in range(len(dataset))) if s.image is not None)
+    samples = iter(dataset) if isinstance(dataset, IterableDataset) else (dataset[i] for i in range(len(dataset)))
+    return next(s.image.shape[-2] for s in samples if s.image is not None)
 
 
 def build_context(cfg: EvalConfig, model: nn.Module | None = None, device: torch.device | None = None) -> Context:

@@ -315,7 +315,8 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
                 if on_checkpoint is not None:
                     metrics.image("pictures", on_checkpoint(run.step), run.step)
             if end_of_epoch and main:
-                bar.write(f"epoch {run.epoch + 1}/{plan.total_steps / plan.steps_per_epoch:.3g}  step {run.step}  loss {last_loss:.4f}  lr {lr:.3g}")
+                epochs = plan.total_steps / plan.steps_per_epoch
+                bar.write(f"epoch {run.epoch + 1}/{epochs:.3g}  step {run.step}  loss {last_loss:.4f}  lr {lr:.3g}")
     except RuntimeError as e:  # torch reports a dead loader worker wherever the process is
         if isinstance(e, TrainingError) or (died := _worker_died(e)) is None:
             raise
