@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+CPU = torch.device("cpu")
+
 
 def cpu_model() -> str:
     """The CPU's model name ("AMD EPYC 9B14", "Intel(R) Xeon(R) ..."), or the architecture if unknown."""
@@ -23,9 +25,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine() -> dict:
-    """The facts a reader needs to compare figures across runs."""
-    return {"machine": f"{cpu_model()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
+def machine(device: torch.device | None = None) -> dict:
+    """The facts a reader needs to compare figures across runs (with a CUDA `device`: its GPU too)."""
+    facts = {"machine": f"{cpu_model()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
+    if device is not None and device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    return facts
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -79,3 +84,19 @@ def seconds_per_call(fn, calls: int) -> float:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - start) / calls
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a CPU step is done when it returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, n: int, device: torch.device = CPU) -> float:
+    """Seconds per call of `step` over `n` calls, the device's queue drained before and after."""
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - t) / n

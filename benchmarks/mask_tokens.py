@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from common import machine, write_report
+from common import CPU, machine, time_steps, write_report
 from mimkit.masking import random_masking
 from mimkit.models import build_model
 from mimkit.models.mae import MAE, MAEOutput
@@ -59,34 +58,34 @@ class AllTokensMAE(nn.Module):
         return MAEOutput(loss=m.forward_loss(imgs, pred, mask), pred=pred, mask=mask, ids_restore=ids_restore)
 
 
-def make_step(model: nn.Module, imgs: Tensor, noise: Tensor, opt: torch.optim.Optimizer):
+def make_step(model: nn.Module, imgs: Tensor, noise: Tensor, opt: torch.optim.Optimizer, precision: str = "fp32"):
     def step():
-        model(imgs, noise=noise).loss.backward()
+        with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(imgs, noise=noise).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
 
 
-def run(name: str, batch: int, rounds: int, steps: int) -> dict:
+def run(name: str, batch: int, rounds: int, steps: int, device: torch.device = CPU, precision: str = "fp32") -> dict:
     torch.manual_seed(0)
-    mae = build_model("mae", MODELS[name]).train()
+    mae = build_model("mae", MODELS[name]).train().to(device)
     g = torch.Generator().manual_seed(0)
-    imgs = torch.randn(batch, 3, *mae.img_size, generator=g)
-    noise = torch.rand(batch, mae.patch_embed.num_patches, generator=g)
-    ablation = AllTokensMAE(mae).train()
+    imgs = torch.randn(batch, 3, *mae.img_size, generator=g).to(device)
+    noise = torch.rand(batch, mae.patch_embed.num_patches, generator=g).to(device)
+    ablation = AllTokensMAE(mae).train().to(device)
     # One optimizer over the shared weights (the visible step leaves the encoder mask token's grad None).
     opt = torch.optim.AdamW(ablation.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
-    contenders = {"visible": make_step(mae, imgs, noise, opt), "all_tokens": make_step(ablation, imgs, noise, opt)}
+    contenders = {"visible": make_step(mae, imgs, noise, opt, precision),
+                  "all_tokens": make_step(ablation, imgs, noise, opt, precision)}
     for step in contenders.values():  # warm-up
-        step()
+        time_steps(step, 1, device)
     times = {k: [] for k in contenders}
     for _ in range(rounds):
         for k, step in contenders.items():
-            t = time.perf_counter()
-            for _ in range(steps):
-                step()
-            times[k].append((time.perf_counter() - t) / steps)
+            times[k].append(time_steps(step, steps, device))
     out = {"batch": batch, "mask_ratio": mae.cfg.mask_ratio, "patches": mae.patch_embed.num_patches}
     for k, ts in times.items():
         out[k] = {"step_s": statistics.median(ts), "images_per_s": batch / statistics.median(ts), "all_step_s": ts}
@@ -100,16 +99,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median is reported)")
     parser.add_argument("--steps", type=int, default=2, help="training steps per round")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: forward under autocast")
     parser.add_argument("--quick", action="store_true", help="smoke test: a 2-block 32 px model, one round")
     parser.add_argument("--out", default=None, help="JSON report (default benchmarks/results/mask_tokens[_quick].json)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.quick:
         args.models, args.batch, args.rounds, args.steps = ["quick"], 8, 1, 1
     out = Path(args.out or f"benchmarks/results/mask_tokens{'_quick' if args.quick else ''}.json")
-    report = {**machine(), "models": {}}
+    report = {**machine(device), "precision": args.precision, "models": {}}
     print(f"{'model':<8} {'batch':>5} {'visible img/s':>14} {'all tokens img/s':>17} {'speedup':>8}")
     for name in args.models:
-        r = report["models"][name] = run(name, args.batch, args.rounds, args.steps)
+        r = report["models"][name] = run(name, args.batch, args.rounds, args.steps, device, args.precision)
         visible, all_tokens = r["visible"]["images_per_s"], r["all_tokens"]["images_per_s"]
         print(f"{name:<8} {r['batch']:>5} {visible:>14.2f} {all_tokens:>17.2f} {r['speedup']:>7.2f}x")
     write_report(report, out)

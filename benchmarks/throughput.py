@@ -18,6 +18,10 @@ a process-wide setting that every implementation's steps enjoy alike (`--no-keep
     python benchmarks/throughput.py --configs cae_cifar_tiny
     python benchmarks/throughput.py --configs cifar_tiny vit_b16 --precision bf16
     python benchmarks/throughput.py --quick              # smoke test: tiny batch, one round, short peak
+    python benchmarks/throughput.py --device cuda --precision bf16 --configs vit_b16 vit_l16 --batch 256
+
+On a GPU (`--device cuda`) steps are timed with the device's queue drained, and the peak is a bf16 (or
+fp32) matmul on that GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import machine, write_report
+from common import CPU, machine, time_steps, write_report
 from mimkit.export import hf_config_from_mae, mae_to_hf
 from mimkit.models import build_model
 from mimkit.train.loop import compile_blocks
@@ -40,36 +44,39 @@ from mimkit.train.malloc import keep_freed_memory
 CONFIGS = {
     "cifar_tiny": dict(model=dict(preset="mae_vit_tiny_cifar_patch4"), batch=128),
     "vit_b16": dict(model=dict(preset="mae_vit_base_patch16"), batch=16),
+    "vit_l16": dict(model=dict(preset="mae_vit_large_patch16"), batch=8),
     # CAE recipe model (block masks 32/64, regressor 2 + decoder 2, norm-pix): timed alone, fixed masks.
     "cae_cifar_tiny": dict(method="cae", model=dict(preset="cae_vit_tiny_cifar_patch4", mask_min_block=5), batch=128),
+    "cae_vit_b16": dict(method="cae", model=dict(preset="cae_vit_base_patch16"), batch=16),
 }
 
 
-def matmul_peak(n: int = 2048, seconds: float = 3.0, dtype: torch.dtype = torch.float32) -> float:
-    """Best GFLOP/s of an n x n matmul in `dtype` over repeated runs."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(n: int = 2048, seconds: float = 3.0, dtype: torch.dtype = torch.float32,
+                device: torch.device = CPU) -> float:
+    """Best GFLOP/s of an n x n matmul in `dtype` on `device` over repeated runs (8 per timing on a GPU)."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    reps = 8 if device.type == "cuda" else 1
     for _ in range(3):
         a @ b
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+        best = max(best, 2 * n**3 / time_steps(lambda: a @ b, reps, device) / 1e9)
     return best
 
 
-def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+def autocast(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def make_step(model, imgs, noise, reference: bool, precision: str = "fp32"):
+    device = imgs.device
     # The fused kernel for everyone: what mimkit's training loop uses, and transformers' Trainer default
     # (`adamw_torch_fused`) with torch >= 2.8.
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
                             fused=True)
 
     def step():
-        with autocast(precision):
+        with autocast(precision, device):
             out = model(pixel_values=imgs, noise=noise) if reference else model(imgs, noise=noise)
         out.loss.backward()
         opt.step()
@@ -85,24 +92,17 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def time_steps(step, n: int) -> float:
-    t = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - t) / n
-
-
 def run_config(name: str, rounds: int, steps: int, batch: int | None = None, compiled: bool = True,
-               precision: str = "fp32") -> dict:
+               precision: str = "fp32", device: torch.device = CPU) -> dict:
     import transformers
 
     spec = dict(CONFIGS[name], batch=batch or CONFIGS[name]["batch"])
     torch.manual_seed(0)
-    ours = build_model("mae", spec["model"]).train()
+    ours = build_model("mae", spec["model"]).train().to(device)
     hf_cfg = hf_config_from_mae(ours.cfg)
     g = torch.Generator().manual_seed(0)
-    imgs = torch.randn(spec["batch"], 3, *ours.img_size, generator=g)
-    noise = torch.rand(spec["batch"], ours.patch_embed.num_patches, generator=g)
+    imgs = torch.randn(spec["batch"], 3, *ours.img_size, generator=g).to(device)
+    noise = torch.rand(spec["batch"], ours.patch_embed.num_patches, generator=g).to(device)
     contenders = {"mimkit": make_step(ours, imgs, noise, reference=False, precision=precision)}
     if compiled:
         twin = copy.deepcopy(ours)
@@ -111,18 +111,16 @@ def run_config(name: str, rounds: int, steps: int, batch: int | None = None, com
     for attn in ("eager", "sdpa"):
         ref = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**hf_cfg, attn_implementation=attn))
         ref.load_state_dict(mae_to_hf(ours.state_dict()))
-        contenders[f"transformers_{attn}"] = make_step(ref.train(), imgs, noise, reference=True,
+        contenders[f"transformers_{attn}"] = make_step(ref.train().to(device), imgs, noise, reference=True,
                                                          precision=precision)
     flops = step_flops(contenders["mimkit"])
     warmup = {}
     for k, step in contenders.items():  # warm up allocators and kernels (and compile)
-        t = time.perf_counter()
-        step()
-        warmup[k] = time.perf_counter() - t
+        warmup[k] = time_steps(step, 1, device)
     times = {k: [] for k in contenders}
     for _ in range(rounds):
         for k, step in contenders.items():
-            times[k].append(time_steps(step, steps))
+            times[k].append(time_steps(step, steps, device))
     result = {"batch": spec["batch"], "flops_per_step": flops}
     if compiled:
         result["compile_s"] = warmup["mimkit_compiled"] - warmup["mimkit"]
@@ -134,23 +132,24 @@ def run_config(name: str, rounds: int, steps: int, batch: int | None = None, com
     return result
 
 
-def run_cae_config(name: str, rounds: int, steps: int, precision: str = "fp32") -> dict:
+def run_cae_config(name: str, rounds: int, steps: int, precision: str = "fp32", batch: int | None = None,
+                   device: torch.device = CPU) -> dict:
     """mimkit CAE alone: one training step = forward (encoder, alignment target, regressor, decoder, loss)
     with fixed block masks (as MAE's steps get fixed noise) + backward + AdamW step, in `precision`."""
     from mimkit.masking import block_mask, num_kept
 
-    spec = CONFIGS[name]
+    spec = dict(CONFIGS[name], batch=batch or CONFIGS[name]["batch"])
     torch.manual_seed(0)
-    model = build_model("cae", spec["model"]).train()
+    model = build_model("cae", spec["model"]).train().to(device)
     g = torch.Generator().manual_seed(0)
-    imgs = torch.randn(spec["batch"], 3, *model.img_size, generator=g)
+    imgs = torch.randn(spec["batch"], 3, *model.img_size, generator=g).to(device)
     n = model.patch_embed.num_patches
     mask = block_mask(spec["batch"], model.patch_embed.grid_size, n - num_kept(n, model.cfg.mask_ratio),
-                      min_block=model.cfg.mask_min_block or None, generator=g)
+                      min_block=model.cfg.mask_min_block or None, generator=g).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), fused=True)
 
     def step():
-        with autocast(precision):
+        with autocast(precision, device):
             loss = model(imgs, mask=mask).loss
         loss.backward()
         opt.step()
@@ -158,7 +157,7 @@ def run_cae_config(name: str, rounds: int, steps: int, precision: str = "fp32") 
 
     flops = step_flops(step)
     step()
-    times = [time_steps(step, steps) for _ in range(rounds)]
+    times = [time_steps(step, steps, device) for _ in range(rounds)]
     sec = statistics.median(times)
     return {"batch": spec["batch"], "flops_per_step": flops,
             "mimkit": {"images_per_s": spec["batch"] / sec, "gflops": flops / sec / 1e9, "step_s": times}}
@@ -176,10 +175,12 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of mimkit")
     parser.add_argument("--no-keep-memory", action="store_true",
                         help="leave glibc's malloc at its defaults (memory returned to the OS at every step)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--batch", type=int, default=0, help="images per step for every config (0: each config's)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: cifar_tiny at batch 8, one round of one step, a 1-second peak")
     args = parser.parse_args()
-    batch = None
+    device, batch = torch.device(args.device), args.batch or None
     if args.quick:
         args.configs, args.rounds, args.steps, batch = ["cifar_tiny"], 1, 1, 8
     suffix = ("_quick" if args.quick else "") + ("_bf16" if args.precision == "bf16" else "")
@@ -187,18 +188,20 @@ def main() -> None:
 
     kept = not args.no_keep_memory and keep_freed_memory()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    peak = matmul_peak(seconds=1.0 if args.quick else 3.0, dtype=dtype)
-    report = {**machine(), "keep_memory": kept, "precision": args.precision, "matmul_peak_gflops": peak, "configs": {}}
+    peak = matmul_peak(seconds=1.0 if args.quick else 3.0, dtype=dtype, device=device)
+    report = {**machine(device), "keep_memory": kept, "precision": args.precision, "matmul_peak_gflops": peak,
+              "configs": {}}
     print(f"{args.precision} matmul peak: {peak:.1f} GFLOP/s ({report['machine']})")
     print(f"{'config':<11} {'implementation':<20} {'images/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'vs best ref':>11}")
     for name in args.configs:
         if CONFIGS[name].get("method") == "cae":
-            r = report["configs"][name] = run_cae_config(name, args.rounds, args.steps, args.precision)
+            r = report["configs"][name] = run_cae_config(name, args.rounds, args.steps, args.precision, batch, device)
             x = r["mimkit"]
             print(f"{name:<11} {'mimkit':<20} {x['images_per_s']:>9.1f} {x['gflops']:>8.1f} "
                   f"{100 * x['gflops'] / peak:>6.1f}% {'-':>11}")
             continue
-        r = run_config(name, args.rounds, args.steps, batch, compiled=not args.no_compile, precision=args.precision)
+        r = run_config(name, args.rounds, args.steps, batch, compiled=not args.no_compile, precision=args.precision,
+                       device=device)
         report["configs"][name] = r
         best_ref = max(r["transformers_eager"]["images_per_s"], r["transformers_sdpa"]["images_per_s"])
         impls = ["mimkit", "transformers_eager", "transformers_sdpa"]

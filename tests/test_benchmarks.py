@@ -81,3 +81,14 @@ def test_few_labels(tmp_path):
     assert m["margin"] == pytest.approx(table["100/mae + fine-tuning"]["mean"]
                                         - table["100/scratch, equal total compute"]["mean"])
     assert (tmp_path / "few_labels_runs" / "few_labels.png").is_file()
+
+
+def test_gpu_script_runs_its_cpu_smoke_path(tmp_path):
+    """`benchmarks/gpu.sh --device cpu --quick`: every step of the accelerator run, tiny, on the CPU."""
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path), "--device", "cpu", "--quick"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["steps"]) == ["tests", "throughput", "mask_tokens", "memory"] and summary["failed"] == []
+    assert "passed" in (tmp_path / "tests.log").read_text()
+    assert json.loads((tmp_path / "throughput.json").read_text())["configs"]["cifar_tiny"]["batch"] == 8
