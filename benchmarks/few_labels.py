@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -147,6 +148,7 @@ def phase_finetune(args, out: Path, pretrained: dict, speeds: dict, encoder: str
                  f"finetune.scratch={str(encoder == 'scratch').lower()}"]
     if encoder == "scratch":
         overrides.append("finetune.layer_decay=1.0")  # a network trained from scratch has no layers to protect
+    shutil.rmtree(out / name, ignore_errors=True)  # what an interrupted attempt left (its JSON was never written)
     ctx = context(args, "finetune", FINETUNE_RECIPE, out / name, encoder, pretrained, overrides)
     ctx = dataclasses.replace(ctx, train_set=labelled_subset(ctx.train_set, labels // 10, seed))
     start = time.perf_counter()
@@ -165,6 +167,7 @@ def phase_linear(args, out: Path, pretrained: dict, encoder: str, labels: int, s
     pool = POOL[encoder]
     name = f"linear_{encoder}_{labels}_{seed}"
     batch = min(256, labels // 4)
+    shutil.rmtree(out / name, ignore_errors=True)
     ctx = context(args, "linprobe", LINEAR_RECIPE, out / name, encoder, pretrained,
                   [f"probe.pool={pool}", f"train.batch_size={batch}", "train.epochs=100", "train.warmup_epochs=10",
                    f"train.seed={seed}"])
@@ -174,7 +177,8 @@ def phase_linear(args, out: Path, pretrained: dict, encoder: str, labels: int, s
         test = torch.load(cache)
     else:
         test = extract(ctx.encoder, ctx.val_set, ctx.transform, pool, 256, 0)
-        torch.save(test, cache)
+        torch.save(test, cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").replace(cache)  # whole or absent, whenever the run is stopped
     cached = (*extract(ctx.encoder, subset, ctx.transform, pool, 256, 0), *test)
     result = linear.run(dataclasses.replace(ctx, train_set=subset), cached=cached)
     print(f"[{name}] top-1 {result['top1']:.2f}")

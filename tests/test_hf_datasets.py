@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from resumed import equal_weights, interrupt_and_resume
 
 from mimkit.cli import main
 from mimkit.config import ConfigError, load_config
 from mimkit.data import DataError, build_dataset, make_loader, set_epoch
 from mimkit.data.crops import RandomResizedCrop
-from mimkit.train import checkpoint
 from mimkit.train.loop import pretrain
 
 datasets = pytest.importorskip("datasets")  # the datasets extra; dev installs it
@@ -79,21 +79,8 @@ def test_pretraining_resumes_exactly_and_evaluates(saved, tmp_path):
             "train.vis_images=2"]
     full = pretrain(load_config(None, [*args, f"out_dir={tmp_path / 'full'}"]))
     assert full["step"] == 15 and full["skipped"] == [f"{saved / 'saved'}[7]"]
-
-    class Stop(Exception):
-        pass
-
-    def stop(info):
-        if info.step == 7:
-            raise Stop
-
-    cut = load_config(None, [*args, f"out_dir={tmp_path / 'cut'}"])
-    with pytest.raises(Stop):
-        pretrain(cut, hooks=[stop])
-    pretrain(cut, resume="auto")  # from step 6, mid-epoch
-    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "checkpoint-00000015.pt")["model"]
-    b = checkpoint.load(tmp_path / "cut" / "checkpoints" / "checkpoint-00000015.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    interrupt_and_resume(load_config(None, [*args, f"out_dir={tmp_path / 'cut'}"]), 7)  # from step 6, mid-epoch
+    equal_weights(tmp_path / "full", tmp_path / "cut", 15)
     ckpt = str(tmp_path / "full" / "checkpoints" / "checkpoint-00000015.pt")
     assert main(["eval", "knn", ckpt, f"out_dir={tmp_path / 'knn'}"]) == 0  # data section from the checkpoint
     result = json.loads((tmp_path / "knn" / "results.json").read_text())
@@ -168,21 +155,8 @@ def test_streamed_pretraining_resumes_exactly_and_evaluates(saved, tmp_path):
             "model.decoder_depth=1", "train.batch_size=8", "train.epochs=3", "train.ckpt_every=2", "train.vis_images=2"]
     full = pretrain(load_config(None, [*args, f"out_dir={tmp_path / 'full'}"]))
     assert full["step"] == 15 and len(full["skipped"]) == 3  # the bad row, once per epoch (named by its place)
-
-    class Stop(Exception):
-        pass
-
-    def stop(info):
-        if info.step == 7:
-            raise Stop
-
-    cut = load_config(None, [*args, f"out_dir={tmp_path / 'cut'}"])
-    with pytest.raises(Stop):
-        pretrain(cut, hooks=[stop])
-    pretrain(cut, resume="auto")  # from step 6, mid-epoch
-    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "checkpoint-00000015.pt")["model"]
-    b = checkpoint.load(tmp_path / "cut" / "checkpoints" / "checkpoint-00000015.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    interrupt_and_resume(load_config(None, [*args, f"out_dir={tmp_path / 'cut'}"]), 7)  # from step 6, mid-epoch
+    equal_weights(tmp_path / "full", tmp_path / "cut", 15)
     ckpt = str(tmp_path / "full" / "checkpoints" / "checkpoint-00000015.pt")
     assert main(["eval", "knn", ckpt, "data.split=train", "val_split=train", f"out_dir={tmp_path / 'knn'}"]) == 0
     result = json.loads((tmp_path / "knn" / "results.json").read_text())
