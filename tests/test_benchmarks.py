@@ -5,6 +5,7 @@ each script finishes, and that its JSON has the fields and the arithmetic the ta
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,10 @@ def positive(x: float) -> bool:
 
 
 def test_throughput(tmp_path):
-    r = run("throughput", tmp_path, "--no-compile")["configs"]["cifar_tiny"]
+    report = run("throughput", tmp_path, "--no-compile", "--official-mae", str(tmp_path))
+    assert report["official_mae"].endswith("is not a facebookresearch/mae checkout (models_mae.py, util/pos_embed.py)")
+    r = report["configs"]["cifar_tiny"]
+    assert "official_mae" not in r  # skipped, and the report says why
     assert r["batch"] == 8 and positive(r["flops_per_step"])
     for impl in ("mimkit", "transformers_eager", "transformers_sdpa"):
         x = r[impl]
@@ -69,6 +73,15 @@ def test_data_loading(tmp_path):
                 r["images_per_cpu_s"] / runs["reference"]["images_per_cpu_s"])
 
 
+def test_end_to_end(tmp_path):
+    r = run("end_to_end", tmp_path)
+    assert (r["batch"], r["workers"], r["images"], r["precision"]) == (8, 1, 56, "fp32")
+    e2e = r["end_to_end"]
+    assert len(e2e["windows"]) == 3 and e2e["images_per_s"] == pytest.approx(statistics.median(e2e["windows"][1:]))
+    assert positive(r["synthetic_images_per_s"]) and 5 < r["mean_jpeg_kib"] < 500
+    assert r["data_keeps_up_ratio"] == pytest.approx(e2e["images_per_s"] / r["synthetic_images_per_s"])
+
+
 def test_few_labels(tmp_path):
     report = run("few_labels", tmp_path, "--methods", "mae")
     table, margins = report["table"], report["margins"]
@@ -89,6 +102,7 @@ def test_gpu_script_runs_its_cpu_smoke_path(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary["steps"]) == ["tests", "throughput", "mask_tokens", "memory"] and summary["failed"] == []
+    assert list(summary["steps"]) == ["tests", "throughput", "mask_tokens", "memory", "end_to_end"]
+    assert summary["failed"] == []
     assert "passed" in (tmp_path / "tests.log").read_text()
     assert json.loads((tmp_path / "throughput.json").read_text())["configs"]["cifar_tiny"]["batch"] == 8

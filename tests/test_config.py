@@ -36,7 +36,7 @@ def test_overrides_are_typed(tmp_path):
     (["train.epochs=2.5"], "train.epochs: expected int, got float 2.5"),
     (["data.hflip=maybe"], "data.hflip: expected bool, got str 'maybe'"),
     (["data.scale=[0.2]"], "data.scale: expected 2 values, got 1"),
-    (["train.precision=fp8"], "train.precision: 'fp8' is not one of fp32, bf16, fp16"),
+    (["train.precision=fp8"], "train.precision: 'fp8' is not one of auto, fp32, bf16, fp16"),
     (["train.batch_size=0"], "train.batch_size: must be >= 1, got 0"),
     (["train.epochs"], "train.epochs: an override must look like section.key=value"),
 ])

@@ -15,10 +15,11 @@ ALLOWED = {
     "mimkit.config": (),
     "mimkit.serialization": (),  # the one safe reader, below everything that reads files
     "mimkit.metrics": (),
-    "mimkit.masking": (),
+    "mimkit.device": (),
+    "mimkit.masking": ("mimkit.device",),
     "mimkit.targets": (),
     "mimkit.tokenizers": ("mimkit.serialization",),
-    "mimkit.data": ("mimkit.serialization",),
+    "mimkit.data": ("mimkit.serialization", "mimkit.device"),
     "mimkit.models": ("mimkit.masking", "mimkit.targets", "mimkit.tokenizers"),
     # weights in and out sit below training, which reads and writes checkpoints through them
     "mimkit.architecture": ("mimkit.models", "mimkit.serialization"),

@@ -151,8 +151,9 @@ class TrainConfig:
     """AdamW betas (MAE: 0.9, 0.95)."""
     clip_grad: float = 0.0
     """Clip the global gradient norm to this value (0 = off; CAE: 3.0)."""
-    precision: str = "fp32"
-    """`fp32`, `bf16` (autocast) or `fp16` (autocast with a gradient scaler)."""
+    precision: str = "auto"
+    """`auto` (bf16 on a CUDA GPU that has it, fp32 elsewhere), `fp32`, `bf16` (autocast) or `fp16` (autocast
+    with a gradient scaler)."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
     seed: int = 0
@@ -187,7 +188,7 @@ class TrainConfig:
     faulting it back in (glibc malloc settings, see `mimkit.train.malloc`); the process keeps its peak size."""
 
     def __post_init__(self) -> None:
-        check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         check_choice("train.strategy", self.strategy, ("ddp", "fsdp"))
         if self.strategy == "fsdp" and self.precision == "fp16":
             raise ConfigError("train.strategy=fsdp: use precision bf16 or fp32 (the fp16 gradient scaler does "

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from mimkit.config import size_pair
+from mimkit.device import to_device
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
@@ -34,7 +35,7 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: Te
     keep = num_kept(num_patches, mask_ratio)
     if noise is None:
         gen_device = generator.device if generator is not None else device
-        noise = torch.rand(batch, num_patches, generator=generator, device=gen_device).to(device)
+        noise = to_device(torch.rand(batch, num_patches, generator=generator, device=gen_device), device)
     elif noise.shape != (batch, num_patches):
         raise ValueError(f"noise must have shape {(batch, num_patches)}, got {tuple(noise.shape)}")
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
@@ -143,9 +144,9 @@ def block_mask(batch: int, grid: int | tuple[int, int], num_masked: int, *, min_
             b, n = extra.nonzero(as_tuple=True)
             one = torch.ones_like(b)
             blocks.append(torch.stack([b, n // W, n % W, one, one], 1))
-    mask = mask.to(device)
+    mask = to_device(mask, device)
     if return_blocks:
-        return mask, (torch.cat(blocks) if blocks else torch.zeros(0, 5, dtype=torch.long)).to(device)
+        return mask, to_device(torch.cat(blocks) if blocks else torch.zeros(0, 5, dtype=torch.long), device)
     return mask
 
 
@@ -213,7 +214,7 @@ def block_random_mask(batch: int, grid: int | tuple[int, int], scale: int, mask_
     blocks = torch.zeros(batch, bh * bw, dtype=torch.bool, device=gen_device)
     blocks.scatter_(1, order[:, :count], True)
     blocks = blocks.view(batch, bh, 1, bw, 1).expand(batch, bh, scale, bw, scale)
-    return blocks.reshape(batch, h * w).to(device)
+    return to_device(blocks.reshape(batch, h * w), device)
 
 
 # --------------------------------------------------------------------------- I-JEPA's multi-block masks
@@ -284,7 +285,7 @@ def multiblock_masks(batch: int, grid: tuple[int, int], *, num_targets: int = 4,
     kt = min(len(t) for image in targets for t in image)
     kc = min(len(c) for c in contexts)
     target_ids = torch.stack([torch.stack([image[j][:kt] for image in targets]) for j in range(num_targets)])
-    return torch.stack([c[:kc] for c in contexts]).to(device), target_ids.to(device)
+    return to_device(torch.stack([c[:kc] for c in contexts]), device), to_device(target_ids, device)
 
 
 # --------------------------------------------------------------------------- data2vec 2.0's inverse block masks
@@ -313,4 +314,4 @@ def inverse_block_mask(batch: int, grid: tuple[int, int], mask_ratio: float = 0.
     # too many), then random others: the same uniform choices as the official multinomial draws
     score = visible.float() * 2 + torch.rand(batch, N, generator=generator, device=gen_device)
     chosen = score.topk(int(N * keep), dim=1).indices
-    return torch.ones(batch, N, dtype=torch.bool, device=gen_device).scatter_(1, chosen, False).to(device)
+    return to_device(torch.ones(batch, N, dtype=torch.bool, device=gen_device).scatter_(1, chosen, False), device)

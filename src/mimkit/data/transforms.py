@@ -15,6 +15,7 @@ from kornia.geometry.transform import crop_and_resize
 
 from mimkit.config import IMAGENET_MEAN, IMAGENET_STD, size_pair
 from mimkit.data.crops import fallback_size
+from mimkit.device import to_device
 
 
 def normalize(
@@ -116,8 +117,11 @@ class PretrainAugment:
         else:
             x = self._crop(images, generator)
         if self.hflip:
-            flip = (torch.rand(b, generator=generator, device=generator.device) < 0.5).to(x.device)
-            x[flip] = x[flip].flip(-1)  # only the flipped half is copied
+            # Which images flip is decided where the generator is; the device gets their indices (a boolean
+            # mask there would cost a host sync to count them). Only the flipped half is copied.
+            flip = to_device((torch.rand(b, generator=generator, device=generator.device) < 0.5).nonzero()[:, 0],
+                             x.device)
+            x[flip] = x[flip].flip(-1)
         return _normalize_(x, self.mean, self.std)  # x is this call's own tensor
 
     def _crop(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -125,7 +129,7 @@ class PretrainAugment:
         # Random numbers are drawn on the generator's device (often the CPU) and then moved, so
         # the stream does not depend on where the images are.
         params = random_resized_crop_params(b, height, width, self.scale, self.ratio, generator)
-        boxes = crop_boxes(*(p.to(images.device) for p in params), self.size)
+        boxes = crop_boxes(*(to_device(p, images.device) for p in params), self.size)
         x = crop_and_resize(images.float(), boxes, self.size, mode="bicubic", padding_mode="border",
                             align_corners=False)
         # bicubic overshoots; PIL/torchvision would saturate 8-bit data here (data of more bits is not clipped)

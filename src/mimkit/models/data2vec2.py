@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mimkit.config import ConfigError, check_nonneg, check_open_unit, check_positive, check_range
+from mimkit.device import to_device
 from mimkit.masking import gather_tokens, ids_from_mask, inverse_block_mask
 from mimkit.models.vit import VIT_SIZES, EncoderConfig, VisionTransformer, bert_init, copy_to_teacher, ema_update
 
@@ -193,11 +194,11 @@ class Data2Vec2(VisionTransformer):
         latent = self.run_blocks(self.with_cls(gather_tokens(tokens, ids_keep)))  # (V, 1 + K, D)
         if noise is None:
             gen_device = generator.device if generator is not None else imgs.device
-            noise = c.mask_noise_std * torch.randn(V, num_masked, latent.shape[-1], generator=generator,
-                                                   device=gen_device)
+            noise = to_device(c.mask_noise_std * torch.randn(V, num_masked, latent.shape[-1], generator=generator,
+                                                             device=gen_device), imgs.device)
         pred = self.decode(latent, ids_restore, noise)
         scale = 1 / math.sqrt(y.shape[-1])
-        regression = ((pred.float() - y) ** 2)[mask].sum() * scale / mask.sum()
+        regression = (((pred.float() - y) ** 2) * mask[..., None]).sum() * scale / mask.sum()  # no host sync
         cls = ((latent[:, 0].float() - y.mean(dim=1)) ** 2).sum() * scale
         loss = regression + c.cls_loss * cls
         return Data2Vec2Output(loss=loss, mask=mask[:: c.num_masks], views=mask,

@@ -57,6 +57,14 @@ class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite; the run stops and the last checkpoint is left as it was."""
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`train.precision` on `device`: `auto` is bf16 autocast on a CUDA GPU with bf16 (Ampere and later: the
+    MAE recipe's speed at fp32's range, no gradient scaler), fp32 on anything else."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()
@@ -232,9 +240,9 @@ class Plan(NamedTuple):
     base_lr: float
     warmup_steps: int
 
-    def announce(self, kind: str, images: int, device: torch.device) -> None:
-        log.info("%s: %d images, %d steps/epoch, %d steps, effective batch %d, lr %.3g, device %s", kind, images,
-                 self.steps_per_epoch, self.last_step, self.effective_batch, self.base_lr, device)
+    def announce(self, kind: str, images: int, device: torch.device, precision: str) -> None:
+        log.info("%s: %d images, %d steps/epoch, %d steps, effective batch %d, lr %.3g, device %s, %s", kind, images,
+                 self.steps_per_epoch, self.last_step, self.effective_batch, self.base_lr, device, precision)
 
     @classmethod
     def of(cls, per_epoch: int, images: int, t: TrainConfig, world: int) -> Plan:
@@ -265,14 +273,15 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
                          rank=dist.rank(), world_size=world, pin_memory=device.type == "cuda")
     plan = Plan.of(len(loader), len(dataset), t, world)
     last_step, main = plan.last_step, is_main()
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    precision = resolve_precision(t.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     generator, wrapped = _prepare(model, optimizer, t, device)
     run = checkpoint.Run(out_dir, model, optimizer, scaler, generator, config=config, kind=kind,
                          keep_last=t.keep_last, strategy=t.strategy, steps_per_epoch=plan.steps_per_epoch,
                          accum_steps=t.accum_steps)
     run.resume(resume, overwrite)
     metrics = MetricsLog(run.out_dir, enabled=main, resume_step=run.step, trackers=t.trackers, config=config)
-    plan.announce(kind, len(dataset), device)
+    plan.announce(kind, len(dataset), device, precision)
 
     bar = progress(last_step, run.step, main, desc=kind)
     window, last_loss, ckpt_path, started = LossWindow(device), float("nan"), None, time.perf_counter()
@@ -286,7 +295,7 @@ def fit(model: nn.Module, loss_fn: LossFn, dataset, optimizer: torch.optim.Optim
             for i, (batch, weight) in enumerate(group):
                 # DDP / FSDP exchange gradients in the last micro-step's backward only.
                 with dist.no_sync(wrapped, t.strategy, sync=i == len(group) - 1):
-                    with _autocast(device, t.precision):  # forward
+                    with _autocast(device, precision):  # forward
                         loss, extra = loss_fn(wrapped, batch, generator)
                         loss = loss * weight / t.accum_steps
                     window.add(run.step, loss, extra, weight / t.accum_steps, batch["images"].shape[0] if weight else 0)
