@@ -1,9 +1,10 @@
 """Does mimkit's pretraining learn? CIFAR-10 quality in a fixed CPU budget, against baselines.
 
-For each method (recipe `configs/pretrain/<method>_vit_tiny_cifar10.yaml`, CIFAR-tiny model):
+For each run (recipe `configs/pretrain/<method>_vit_tiny_cifar10.yaml`, CIFAR-tiny model; `<method>+<variant>`
+adds the overrides of one entry of SWEEP, the recorded sweep of each recipe):
   1. pretrain on the full CIFAR-10 train split for `--minutes` of wall-clock time (the number of
-     epochs is calibrated from a short timing run so that the cosine schedule ends on time),
-     keeping about `--points` checkpoints along the way;
+     steps is calibrated from a short timing run of the run's own config so that its cosine schedule
+     ends on time, whatever its speed), keeping about `--points` checkpoints along the way;
   2. evaluate every checkpoint with kNN (k=20, T=0.07) and a linear probe on frozen features:
      a curve against wall time;
   3. fine-tune the final encoder for `--finetune-minutes`.
@@ -14,6 +15,7 @@ interrupted run resumes where it stopped. Prints a table, writes results.json an
 
     python benchmarks/cifar10_quality.py --data ../shared/data/cifar10-jpeg.tar.gz
     python benchmarks/cifar10_quality.py --data ... --methods mae --minutes 30 --phases pretrain
+    python benchmarks/cifar10_quality.py --data ... --methods mae mae+bs128 mae+lr2x --minutes 4 --points 1
 """
 
 from __future__ import annotations
@@ -25,36 +27,56 @@ from pathlib import Path
 
 import torch
 
-from common import pretrain_images_per_s, run_phase
+from common import pretrain_images_per_s, run_phase, steps_for
 from mimkit.config import load_config
 
 ROOT = Path(__file__).parents[1]
 PHASES = ("pretrain", "curve", "baselines", "finetune", "report")
+N_TRAIN = 50_000
+
+# The small sweep of each CIFAR recipe (issues 18 and 19), run as `--methods <method>+<variant>` at a short budget:
+# variant -> overrides of configs/pretrain/<method>_vit_tiny_cifar10.yaml as it was when the sweep ran. What each
+# reached, and which won, is in BENCHMARKS.md ("Tuning the CIFAR recipes").
+SWEEP = {
+    "mae": {"bs128": ["train.batch_size=128", "train.blr=3.0e-3"],  # twice the steps at the same lr
+            "lr2x": ["train.blr=3.0e-3"], "dec2": ["model.decoder_depth=2"], "normpix": ["model.norm_pix_loss=true"]},
+    "cae": {"bs64": ["train.batch_size=64", "train.blr=4.0e-3"], "lr2x": ["train.blr=4.0e-3"]},
+    "simmim": {"bs128": ["train.batch_size=128", "train.blr=2.0e-3"], "lr2x": ["train.blr=2.0e-3"]},
+    "ijepa": {"bs128": ["train.batch_size=128", "train.blr=2.0e-3"], "lr2x": ["train.blr=2.0e-3"]},
+    "data2vec2": {"cls0": ["model.cls_loss=0"], "masks4": ["model.num_masks=4", "train.batch_size=128"]},
+}
 
 
-def calibrate_epochs(cfg, minutes: float, n_train: int, steps: int = 8) -> int:
-    """Epochs that fit in `minutes`, from the speed of a few training steps of this recipe's model."""
-    images_per_s = pretrain_images_per_s(cfg, steps)
-    # The nearest whole number of epochs: the time budget (`train.max_minutes`) is what stops every method,
-    # so methods of different speeds get the same wall time, their cosine schedules ending near it.
-    return max(1, round(minutes * 60 * images_per_s / n_train))
+def recipe_of(run: str) -> tuple[Path, list[str]]:
+    """The recipe and the sweep's overrides of a run name: `mae`, or `mae+bs128` (one entry of SWEEP)."""
+    method, _, variant = run.partition("+")
+    recipe = ROOT / "configs" / "pretrain" / f"{method}_vit_tiny_cifar10.yaml"
+    if not recipe.is_file():
+        raise SystemExit(f"no recipe {recipe} for run {run!r}")
+    if variant and variant not in SWEEP.get(method, {}):
+        raise SystemExit(f"unknown variant {variant!r} of {method}: choose from {sorted(SWEEP.get(method, {}))}")
+    return recipe, SWEEP[method][variant] if variant else []
 
 
-def phase_pretrain(method: str, args, out: Path) -> dict:
+def phase_pretrain(run: str, args, out: Path) -> dict:
     from mimkit.train.loop import pretrain
 
-    recipe = ROOT / "configs" / "pretrain" / f"{method}_vit_tiny_cifar10.yaml"
-    base = [f"data.root={args.data}", f"out_dir={out / method}", "train.vis_images=8"]
+    recipe, variant = recipe_of(run)
+    base = [f"data.root={args.data}", f"out_dir={out / run}", "train.vis_images=8", *variant]
     cfg = load_config(recipe, base)
-    epochs = args.epochs or calibrate_epochs(cfg, args.minutes, 50_000)
-    steps = epochs * (50_000 // cfg.train.batch_size)
-    overrides = base + [f"train.epochs={epochs}", f"train.warmup_epochs={min(1.0, epochs / 5)}",
+    per_epoch = N_TRAIN // cfg.train.batch_size
+    # A step budget from this config's own speed, so that every run's cosine schedule ends at the same wall time
+    # (`train.max_minutes` still stops a run that calibrated fast); or whole epochs with --epochs.
+    steps = args.epochs * per_epoch if args.epochs else steps_for(args.minutes, pretrain_images_per_s(cfg),
+                                                                  cfg.train.batch_size)
+    epochs = steps / per_epoch
+    overrides = base + [f"train.schedule_steps={steps}", f"train.warmup_epochs={min(1.0, epochs / 5):.4f}",
                         f"train.max_minutes={args.minutes}", f"train.ckpt_every={max(1, steps // args.points)}",
                         "train.keep_last=1000"]
-    print(f"[{method}] pretraining {epochs} epochs ({steps} steps) in at most {args.minutes} min")
+    print(f"[{run}] pretraining {steps} steps ({epochs:.2f} epochs) in at most {args.minutes} min")
     summary = pretrain(load_config(recipe, overrides), resume="auto")
     return {"recipe": str(recipe.relative_to(ROOT)), "overrides": overrides, "epochs": epochs,
-            "steps": summary["step"], "final_loss": summary["loss"]}
+            "scheduled_steps": steps, "steps": summary["step"], "final_loss": summary["loss"]}
 
 
 def eval_config(protocol: str, args, out_dir: Path, checkpoint: str = "", extra: list[str] = ()):
@@ -93,8 +115,8 @@ def phase_curve(method: str, args, out: Path) -> dict:
     times = {r["step"]: r["time_s"] for r in read_metrics(run / "metrics.jsonl") if "time_s" in r}
     rows = []
     kept = checkpoint.list_checkpoints(run / "checkpoints")
-    chosen = [kept[round(i * (len(kept) - 1) / (args.points - 1))] for i in range(args.points)] if len(kept) > 1 \
-        else kept
+    chosen = [kept[round(i * (len(kept) - 1) / (args.points - 1))] for i in range(args.points)] \
+        if len(kept) > 1 and args.points > 1 else kept[-1:]
     for path in sorted(set(chosen)):
         step = int(path.stem.split("-")[1])
         ctx = build_context(eval_config("linprobe", args, run / "curve" / str(step), str(path)))
@@ -149,17 +171,17 @@ def report(args, out: Path, results: dict) -> None:
     import matplotlib.pyplot as plt
 
     base = results["baselines"]
-    lines = [f"{'encoder':<34} {'kNN top1':>9} {'linear top1':>12}",
-             f"{'raw normalised pixels':<34} {base['raw_pixels_knn']['top1']:>9.2f} {'-':>12}"]
+    lines = [f"{'encoder':<44} {'kNN top1':>9} {'linear top1':>12}",
+             f"{'raw normalised pixels':<44} {base['raw_pixels_knn']['top1']:>9.2f} {'-':>12}"]
     for pool in ("cls", "mean"):
         r = base[f"random_init_{pool}"]
-        lines.append(f"{'random init (' + pool + ')':<34} {r['knn_top1']:>9.2f} {r['linear_top1']:>12.2f}")
+        lines.append(f"{'random init (' + pool + ')':<44} {r['knn_top1']:>9.2f} {r['linear_top1']:>12.2f}")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for method in args.methods:
         rows = results[f"{method}_curve"]["rows"]
         for row in rows:
             label = f"{method} step {row['step']} ({row['minutes']:.0f} min, {row['pool']})"
-            lines.append(f"{label:<34} {row['knn_top1']:>9.2f} {row['linear_top1']:>12.2f}")
+            lines.append(f"{label:<44} {row['knn_top1']:>9.2f} {row['linear_top1']:>12.2f}")
         cls_rows = [r for r in rows if r["pool"] == "cls"]
         for ax, key in zip(axes, ("knn_top1", "linear_top1")):
             ax.plot([r["minutes"] for r in cls_rows], [r[key] for r in cls_rows], marker="o", label=method)
@@ -173,10 +195,10 @@ def report(args, out: Path, results: dict) -> None:
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=90)
     lines.append("")
-    lines.append(f"{'fine-tuning (same budget)':<34} {'top1':>9} {'images':>12}")
+    lines.append(f"{'fine-tuning (same budget)':<44} {'top1':>9} {'images':>12}")
     for key in [k for k in results if k.startswith("finetune_")]:
         r = results[key]
-        lines.append(f"{key[9:]:<34} {r['top1']:>9.2f} {r['images']:>12}")
+        lines.append(f"{key[9:]:<44} {r['top1']:>9.2f} {r['images']:>12}")
     print("\n".join(lines))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
@@ -185,7 +207,8 @@ def report(args, out: Path, results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="CIFAR-10: the shared JPEG .tar.gz, a folder or 'download'")
-    parser.add_argument("--methods", nargs="+", default=["mae"], help="recipes configs/pretrain/<m>_vit_tiny_cifar10")
+    parser.add_argument("--methods", nargs="+", default=["mae"],
+                        help="runs: <m> (recipe configs/pretrain/<m>_vit_tiny_cifar10) or <m>+<variant> of SWEEP")
     parser.add_argument("--minutes", type=float, default=60.0, help="pretraining budget per method")
     parser.add_argument("--epochs", type=int, default=0,
                         help="pretraining epochs (0 = calibrate from a timing run; a busy machine calibrates low)")

@@ -52,6 +52,11 @@ def run_phase(name: str, out: Path, fn, *fn_args) -> dict:
     return result
 
 
+def steps_for(minutes: float, images_per_s: float, batch: int) -> int:
+    """Optimizer steps of `batch` images that `minutes` of training at `images_per_s` buy (at least one)."""
+    return max(1, round(minutes * 60 * images_per_s / batch))
+
+
 def pretrain_images_per_s(cfg, steps: int = 8) -> float:
     """Training speed of a pretraining config's model and augmentation on random 32 px images (after two
     warm-up steps), with the memory settings every training run uses (`train.keep_memory`)."""

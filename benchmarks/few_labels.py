@@ -19,6 +19,10 @@ and a picture of accuracy against total compute.
 
     python benchmarks/few_labels.py --data ../shared/data/cifar10-jpeg.tar.gz
     python benchmarks/few_labels.py --quick --out /tmp/few.json   # smoke test on the shipped subset
+
+With `--variants`, the run is the fine-tuning sweep instead: each method's encoder (pretrained here, or
+a checkpoint given with `--init <method>=<path>`) fine-tuned with the recipe and with each FT_SWEEP
+variant; no probes and no scratch runs.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, pretrain_images_per_s, run_phase, seconds_per_call, write_report
+from common import machine, pretrain_images_per_s, run_phase, seconds_per_call, steps_for, write_report
 from mimkit.config import load_config
 
 ROOT = Path(__file__).parents[1]
@@ -40,6 +44,10 @@ FINETUNE_RECIPE = ROOT / "configs" / "eval" / "finetune_cifar10_few_labels.yaml"
 LINEAR_RECIPE = ROOT / "configs" / "eval" / "linear_cifar10.yaml"
 POOL = {"mae": "mean", "cae": "cls", "simmim": "mean", "ijepa": "mean", "data2vec2": "mean", "scratch": "mean"}
 """Linear probe pooling per method: where each one's CIFAR-10 representation sits (BENCHMARKS.md)."""
+# The fine-tuning sweep (issue 19): variant -> overrides of the fine-tuning recipe as it was when the sweep ran;
+# the outcome is in BENCHMARKS.md ("Tuning the CIFAR recipes").
+FT_SWEEP = {"ld90": ["finetune.layer_decay=0.9"], "ld100": ["finetune.layer_decay=1.0"],
+            "lr2x": ["train.blr=4.0e-3"]}
 
 
 def phase_speeds(args) -> dict:
@@ -73,13 +81,11 @@ def pretrain_recipe(method: str) -> Path:
     return ROOT / "configs" / "pretrain" / f"{method}_vit_tiny_cifar10.yaml"
 
 
-def steps_for(minutes: float, images_per_s: float, batch: int) -> int:
-    return max(1, round(minutes * 60 * images_per_s / batch))
-
-
 def phase_pretrain(method: str, args, out: Path, speeds: dict) -> dict:
     from mimkit.train.loop import pretrain
 
+    if method in args.init:
+        return {"checkpoint": args.init[method], "steps": None, "given": True}
     recipe = pretrain_recipe(method)
     cfg = load_config(recipe)
     batch, n_train = cfg.train.batch_size, 3000 if args.quick else 50_000
@@ -132,9 +138,14 @@ def context(args, protocol: str, recipe: Path, out_dir: Path, encoder: str, pret
     return ctx
 
 
+def finetune_name(encoder: str, labels: int, seed: int, minutes: float, variant: str = "") -> str:
+    return f"finetune_{encoder}_{labels}_{seed}_{minutes:g}min" + (f"+{variant}" if variant else "")
+
+
 def phase_finetune(args, out: Path, pretrained: dict, speeds: dict, encoder: str, labels: int, seed: int,
-                   minutes: float) -> dict:
-    """Fine-tune `encoder` (or train from scratch) on `labels` labelled images for `minutes`."""
+                   minutes: float, variant: str = "") -> dict:
+    """Fine-tune `encoder` (or train from scratch) on `labels` labelled images for `minutes`, with the recipe or
+    one FT_SWEEP `variant` of it."""
     from mimkit.eval.config import load_eval_config
     from mimkit.eval.finetune import run
 
@@ -142,19 +153,21 @@ def phase_finetune(args, out: Path, pretrained: dict, speeds: dict, encoder: str
     batch = min(recipe.train.batch_size, labels // 4)
     steps = args.quick_steps or steps_for(minutes, speeds["finetune"], batch)
     per_epoch = labels // batch
-    name = f"finetune_{encoder}_{labels}_{seed}_{minutes:g}min"
+    name = finetune_name(encoder, labels, seed, minutes, variant)
     overrides = [f"train.batch_size={batch}", f"train.schedule_steps={steps}", f"train.seed={seed}",
                  f"train.warmup_epochs={0.05 * steps / per_epoch:.4f}", "val_every=0", "train.keep_last=1",
                  f"finetune.scratch={str(encoder == 'scratch').lower()}"]
     if encoder == "scratch":
         overrides.append("finetune.layer_decay=1.0")  # a network trained from scratch has no layers to protect
+    overrides += FT_SWEEP[variant] if variant else []
     shutil.rmtree(out / name, ignore_errors=True)  # what an interrupted attempt left (its JSON was never written)
     ctx = context(args, "finetune", FINETUNE_RECIPE, out / name, encoder, pretrained, overrides)
     ctx = dataclasses.replace(ctx, train_set=labelled_subset(ctx.train_set, labels // 10, seed))
     start = time.perf_counter()
     result = run(ctx)
     print(f"[{name}] top-1 {result['top1']:.2f}")
-    return {"encoder": encoder, "labels": labels, "seed": seed, "minutes": minutes, "steps": result["steps"],
+    return {"encoder": encoder, "labels": labels, "seed": seed, "minutes": minutes, "variant": variant,
+            "steps": result["steps"],
             "batch": batch, "top1": result["top1"], "top5": result["top5"],
             "wall_minutes": (time.perf_counter() - start) / 60, "overrides": overrides}
 
@@ -211,7 +224,7 @@ def report(args, out: Path, results: dict) -> None:
         settings["random init + linear probe"] = ("linear", "scratch", None, 0.0)
         for label, (kind, encoder, minutes, compute) in settings.items():
             rows = [r for r in results.values() if r["kind"] == kind and r["encoder"] == encoder
-                    and r["labels"] == labels and (minutes is None or r["minutes"] == minutes)]
+                    and not r.get("variant") and r["labels"] == labels and (minutes is None or r["minutes"] == minutes)]
             if not rows:
                 continue
             s = table[f"{labels}/{label}"] = {**summarise(rows), "compute_minutes": compute}
@@ -232,6 +245,10 @@ def report(args, out: Path, results: dict) -> None:
     fig.savefig(out / "few_labels.png", dpi=90)
     lines += ["", "fine-tuning vs scratch at equal total compute (mean difference; spread = the larger of the two)"]
     lines += [f"  {k}: {v['margin']:+.2f} (spread {v['spread']:.2f})" for k, v in margins.items()]
+    sweep = {name: r for name, r in results.items() if r.get("variant")}
+    if sweep:
+        lines += ["", "fine-tuning sweep (variant: overrides of the recipe): top-1"]
+        lines += [f"  {name}: {r['top1']:.2f}  {FT_SWEEP[r['variant']]}" for name, r in sweep.items()]
     print("\n".join(lines))
     write_report({**machine(), "args": {k: v for k, v in vars(args).items()}, "table": table, "margins": margins,
                   "phases": results}, Path(args.report))
@@ -249,6 +266,10 @@ def main() -> None:
     parser.add_argument("--seeds-large", type=int, default=1, help="seeds for label counts of 5,000 and more")
     parser.add_argument("--test-images", type=int, default=10_000, help="test images scored (all: 10,000)")
     parser.add_argument("--timing-steps", type=int, default=6)
+    parser.add_argument("--variants", nargs="*", default=[], choices=sorted(FT_SWEEP),
+                        help="the fine-tuning sweep: each method's encoder with the recipe and these variants")
+    parser.add_argument("--init", nargs="*", default=[], metavar="METHOD=CHECKPOINT",
+                        help="use these pretrained checkpoints instead of pretraining (--pretrain-minutes: their cost)")
     parser.add_argument("--quick", action="store_true", help="smoke test: shipped subset, 2 steps per run")
     parser.add_argument("--dir", default="benchmarks/results/few_labels", help="phases' JSON and runs")
     parser.add_argument("--out", dest="report", default="benchmarks/results/few_labels/results.json")
@@ -263,6 +284,9 @@ def main() -> None:
                      f"{len(args.finetune_minutes)}")
     if any(n % 10 or n < 40 for n in args.labels):
         parser.error(f"--labels: multiples of 10 (the same number per class), at least 40, got {args.labels}")
+    if any("=" not in item for item in args.init):
+        parser.error(f"--init: METHOD=CHECKPOINT items, got {args.init}")
+    args.init = dict(item.split("=", 1) for item in args.init)
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
     speeds = run_phase("speeds", out, phase_speeds, args)["images_per_s"]
@@ -271,13 +295,19 @@ def main() -> None:
     for labels, minutes in zip(args.labels, args.finetune_minutes, strict=True):
         seeds = args.seeds if labels < 5000 else args.seeds[:args.seeds_large]
         for seed in seeds:
+            if args.variants:
+                for m, v in [(m, v) for m in args.methods for v in ["", *args.variants]]:
+                    name = finetune_name(m, labels, seed, minutes, v)
+                    results[name] = {"kind": "finetune", **run_phase(name, out, phase_finetune, args, out, pretrained,
+                                                                     speeds, m, labels, seed, minutes, v)}
+                continue
             for encoder in [*args.methods, "scratch"]:
                 name = f"linear_{encoder}_{labels}_{seed}"
                 results[name] = {"kind": "linear", **run_phase(name, out, phase_linear, args, out, pretrained,
                                                                encoder, labels, seed)}
             runs = [(e, minutes) for e in [*args.methods, "scratch"]] + [("scratch", minutes + args.pretrain_minutes)]
             for encoder, budget in runs:
-                name = f"finetune_{encoder}_{labels}_{seed}_{budget:g}min"
+                name = finetune_name(encoder, labels, seed, budget)
                 results[name] = {"kind": "finetune", **run_phase(name, out, phase_finetune, args, out, pretrained,
                                                                  speeds, encoder, labels, seed, budget)}
     report(args, out, results)

@@ -3,6 +3,7 @@
 Figures are not asserted here (timings belong in the benchmarks themselves); what is checked is that
 each script finishes, and that its JSON has the fields and the arithmetic the tables are built from."""
 
+import dataclasses
 import json
 import math
 import statistics
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parents[1]
 
@@ -94,6 +96,44 @@ def test_few_labels(tmp_path):
     assert m["margin"] == pytest.approx(table["100/mae + fine-tuning"]["mean"]
                                         - table["100/scratch, equal total compute"]["mean"])
     assert (tmp_path / "few_labels_runs" / "few_labels.png").is_file()
+
+
+def test_few_labels_finetuning_sweep(tmp_path):
+    """--variants: the recipe and each variant fine-tune the given checkpoint; nothing else runs."""
+    from mimkit.models import build_model
+    from mimkit.train.checkpoint import write_atomic
+
+    torch.manual_seed(0)
+    model = build_model("mae", preset="mae_vit_tiny_cifar_patch4")
+    ckpt = write_atomic(tmp_path / "mae.pt", {"model": model.state_dict(), "method": "mae",
+                                              "config": {"model": dataclasses.asdict(model.cfg)}})
+    report = run("few_labels", tmp_path, "--methods", "mae", "--variants", "ld90", "lr2x", "--init", f"mae={ckpt}")
+    phases = report["phases"]  # --quick: 100 labels, seeds 0 and 1
+    assert set(phases) == {f"finetune_mae_100_{seed}_0.1min{v}" for seed in (0, 1) for v in ("", "+ld90", "+lr2x")}
+    assert "finetune.layer_decay=0.9" in phases["finetune_mae_100_0_0.1min+ld90"]["overrides"]
+    assert "train.blr=4.0e-3" in phases["finetune_mae_100_1_0.1min+lr2x"]["overrides"]
+    assert not any("layer_decay" in o or "blr" in o for o in phases["finetune_mae_100_0_0.1min"]["overrides"])
+    assert report["table"]["100/mae + fine-tuning"]["top1"] == [phases[f"finetune_mae_100_{seed}_0.1min"]["top1"]
+                                                                for seed in (0, 1)]
+    assert not (tmp_path / "few_labels_runs" / "mae").exists()  # the given checkpoint, no pretraining
+
+
+def test_cifar10_quality_sweep_entries_are_valid_configs():
+    """Every variant of the recorded sweep loads as a config (a misspelt key would fail at load time)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from cifar10_quality import SWEEP, recipe_of
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from mimkit.config import load_config
+
+    for method, variants in SWEEP.items():
+        for name, overrides in variants.items():
+            recipe, got = recipe_of(f"{method}+{name}")
+            assert got == overrides and recipe.name == f"{method}_vit_tiny_cifar10.yaml"
+            load_config(recipe, got)
+    with pytest.raises(SystemExit, match="unknown variant 'nope' of mae: choose from"):
+        recipe_of("mae+nope")
 
 
 def test_gpu_script_runs_its_cpu_smoke_path(tmp_path):
