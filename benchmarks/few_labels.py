@@ -62,7 +62,7 @@ def phase_speeds(args) -> dict:
     cfg = load_eval_config("finetune", FINETUNE_RECIPE)
     vit = vit_from(build_model("mae", preset="mae_vit_tiny_cifar_patch4"), num_classes=10, global_pool="avg",
                    drop_path_rate=cfg.finetune.drop_path)
-    opt = build_adamw(vit, 1e-4, 0.05, (0.9, 0.999), layer_decay=0.75)
+    opt = build_adamw(vit, 1e-4, 0.05, (0.9, 0.999), layer_decay=cfg.finetune.layer_decay)
     augment = FinetuneAugment(vit.img_size, cfg.finetune, cfg.data.scale, cfg.data.ratio, cfg.data.mean, cfg.data.std)
     bs, g = cfg.train.batch_size, torch.Generator().manual_seed(0)
     imgs, labels = torch.randint(0, 256, (bs, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (bs,))

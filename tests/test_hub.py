@@ -69,7 +69,7 @@ def test_the_export_carries_a_model_card_from_its_run(tmp_path, capsys):
     for line in ("A mae ViT 192x1 (3 heads), patch 4, 32 px, decoder 128x4, pretrained with",
                  "- method: `mae`, 32 px, patch 4, mask ratio 0.75",
                  "- data: `cifar10` at `builtin` (split `train`)",
-                 "- recipe: 200 epochs planned, batch 32 x accumulation 1 per process, base lr 0.0015",
+                 "- recipe: 200 epochs planned, batch 32 x accumulation 1 per process, base lr 0.003",
                  "- trained: 2 steps, last loss", "| knn | ",
                  'model = ViTMAEForPreTraining.from_pretrained("your-name/mae-tiny-cifar")',
                  'model = mimkit.load("hf-hub:your-name/mae-tiny-cifar")', f"mimkit](https://pypi.org/project/mimkit/) "
