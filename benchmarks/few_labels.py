@@ -287,6 +287,10 @@ def main() -> None:
     if any("=" not in item for item in args.init):
         parser.error(f"--init: METHOD=CHECKPOINT items, got {args.init}")
     args.init = dict(item.split("=", 1) for item in args.init)
+    for method, path in args.init.items():
+        if method not in args.methods or not Path(path).is_file():
+            parser.error(f"--init {method}={path}: the method must be one of --methods {args.methods} and the "
+                         "checkpoint an existing file")
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
     speeds = run_phase("speeds", out, phase_speeds, args)["images_per_s"]
