@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -20,7 +21,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional  # noqa: F401  (see below)
 from torch import nn
+
+# DDP imports torch.distributed.nn.functional on first use, whose functions take `group=group.WORLD` as a
+# default argument: imported while a group exists, they would keep it (and gloo's threads) alive after
+# destroy_process_group. Imported here, before any group, they hold None.
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -98,6 +104,11 @@ def process_group(device: torch.device, timeout_minutes: float = 30.0) -> Iterat
         logger.setLevel(logging.WARNING)
     try:
         yield
+        dist.barrier()  # the last collective is done everywhere
+        # gloo's threads release each finished collective's tensors, and need the GIL for it: let them have
+        # it now. A thread still waiting for it when the interpreter shuts down aborts the process
+        # ("terminate called without an active exception"), and torchrun counts the finished job as failed.
+        time.sleep(0.1)
     finally:
         logger.setLevel(level)
         dist.destroy_process_group()
