@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import shutil
 import statistics
 import time
@@ -167,8 +168,7 @@ def phase_finetune(args, out: Path, pretrained: dict, speeds: dict, encoder: str
     result = run(ctx)
     print(f"[{name}] top-1 {result['top1']:.2f}")
     return {"encoder": encoder, "labels": labels, "seed": seed, "minutes": minutes, "variant": variant,
-            "steps": result["steps"],
-            "batch": batch, "top1": result["top1"], "top5": result["top5"],
+            "steps": result["steps"], "batch": batch, "top1": result["top1"], "top5": result["top5"],
             "wall_minutes": (time.perf_counter() - start) / 60, "overrides": overrides}
 
 
@@ -300,7 +300,7 @@ def main() -> None:
         seeds = args.seeds if labels < 5000 else args.seeds[:args.seeds_large]
         for seed in seeds:
             if args.variants:
-                for m, v in [(m, v) for m in args.methods for v in ["", *args.variants]]:
+                for m, v in itertools.product(args.methods, ["", *args.variants]):
                     name = finetune_name(m, labels, seed, minutes, v)
                     results[name] = {"kind": "finetune", **run_phase(name, out, phase_finetune, args, out, pretrained,
                                                                      speeds, m, labels, seed, minutes, v)}
